@@ -1,0 +1,175 @@
+"""EleutherAI's SAE checkpoint format: a folder per hookpoint with `cfg.json` and `sae.safetensors`.
+
+Loading reads JSON and safetensors only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from natsort import natsorted
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import SaeConfig
+from .errors import UserError
+from .sae import Sae
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae.safetensors"
+
+
+def save_sae(sae: Sae, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CFG_NAME).write_text(json.dumps({**sae.cfg.to_dict(), "d_in": sae.d_in}, indent=2) + "\n")
+
+
+def is_sae_folder(path: Path) -> bool:
+    return (path / CFG_NAME).is_file()
+
+
+def sae_folders(root: Path) -> list[str]:
+    """Names of the subfolders of `root` that hold an SAE, naturally sorted."""
+    if not root.is_dir():
+        return []
+    return natsorted(p.name for p in root.iterdir() if p.is_dir() and is_sae_folder(p))
+
+
+def layer_folder_names(layer: int) -> list[str]:
+    """Folder names a layer's SAE is published under: `layer_10` (older repos), `layers.10` (newer)."""
+    return [f"layer_{layer}", f"layers.{layer}"]
+
+
+def folder_layer(name: str) -> int | None:
+    """The layer number of a folder named `layer_10` or `layers.10`, else None."""
+    m = re.fullmatch(r"layers?[._](\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def select_folders(
+    available: list[str], layers: list[int | str] | None, pattern: str | None, *, where: str
+) -> list[str]:
+    """Pick folders by layer number or name (`layers`) and/or fnmatch `pattern`, naturally sorted."""
+    chosen = list(available)
+    if layers is not None:
+        chosen = []
+        for want in layers:
+            if isinstance(want, int):
+                names = [n for n in layer_folder_names(want) if n in available]
+            else:
+                names = [want] if want in available else []
+            if not names:
+                raise UserError(f"{where} has no SAE for {want!r}; it has: {', '.join(available) or 'none'}")
+            chosen.append(names[0])
+    if pattern is not None:
+        chosen = [n for n in chosen if fnmatch(n, pattern)]
+        if not chosen:
+            raise UserError(
+                f"no SAE folder of {where} matches pattern {pattern!r}; it has: {', '.join(available) or 'none'}"
+            )
+    return natsorted(set(chosen))
+
+
+def _read_cfg(path: Path) -> tuple[int, SaeConfig]:
+    cfg_path = path / CFG_NAME
+    if not cfg_path.is_file():
+        inner = sae_folders(path)
+        if inner:
+            raise UserError(
+                f"{path} holds several SAEs, not one: load one of {', '.join(inner)} "
+                "or use Sae.load_many(..., local=True)"
+            )
+        raise UserError(f"{path} has no {CFG_NAME}; point at a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
+    try:
+        cfg_dict = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}); re-download or re-save the SAE") from None
+    if not isinstance(cfg_dict, dict):
+        raise UserError(f"{cfg_path} must hold a JSON object")
+    if "d_in" not in cfg_dict:
+        raise UserError(f"{cfg_path} has no 'd_in'; add the input width, e.g. \"d_in\": 4096")
+    d_in = cfg_dict["d_in"]
+    if not isinstance(d_in, int) or d_in < 1:
+        raise UserError(f"{cfg_path}: d_in must be a positive integer, got {d_in!r}")
+    return d_in, SaeConfig.from_dict(cfg_dict, source=str(cfg_path))
+
+
+def load_sae(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    decoder: bool = True,
+) -> Sae:
+    """Load a folder in EleutherAI's layout; `dtype=None` keeps the stored dtype (fp32 or bf16)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"SAE folder {path} does not exist; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
+    d_in, cfg = _read_cfg(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{path} has {CFG_NAME} but no {WEIGHTS_NAME}; re-download or re-save the SAE")
+
+    num_latents = cfg.resolve_num_latents(d_in)
+    expected = {
+        "encoder.weight": (num_latents, d_in),
+        "encoder.bias": (num_latents,),
+        "W_dec": (num_latents, d_in),
+        "b_dec": (d_in,),
+    }
+    if not decoder:
+        del expected["W_dec"]
+    tensors = {}
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        unknown = keys - set(expected) - {"W_dec"}
+        if unknown:
+            raise UserError(
+                f"{weights} holds tensors {sorted(unknown)} that a plain TopK SAE does not have "
+                "(a skip connection or transcoder?); this library cannot run it"
+            )
+        missing = set(expected) - keys
+        if missing:
+            raise UserError(f"{weights} lacks tensors {sorted(missing)}; the file is incomplete or not an SAE")
+        for name, shape in expected.items():
+            t = f.get_tensor(name)
+            if tuple(t.shape) != shape:
+                raise UserError(
+                    f"{weights}: {name} has shape {tuple(t.shape)} but {CFG_NAME} (d_in={d_in}, "
+                    f"{num_latents} latents) implies {shape}; the config and weights do not belong together"
+                )
+            tensors[name] = t
+    dtype = dtype or tensors["encoder.weight"].dtype
+    if dtype.is_floating_point is False:
+        raise UserError(f"{weights}: tensors must be floating point, got {dtype}")
+
+    # Build on the meta device (no random init of a large matrix), then adopt the loaded tensors.
+    sae = Sae(d_in, cfg, device="meta", dtype=dtype, decoder=decoder)
+    sae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
+    return sae
+
+
+def load_many_local(
+    root: str | Path,
+    layers: list[int | str] | None = None,
+    pattern: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    decoder: bool = True,
+) -> dict[str, Sae]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"folder {root} does not exist; pass a folder of SAE folders (e.g. runs/NAME)")
+    available = sae_folders(root)
+    if not available:
+        raise UserError(f"{root} holds no SAE folders (subfolders with {CFG_NAME})")
+    names = select_folders(available, layers, pattern, where=str(root))
+    return {n: load_sae(root / n, device=device, dtype=dtype, decoder=decoder) for n in names}

@@ -1,0 +1,128 @@
+"""Loading SAEs from the Hugging Face Hub, downloading only the folders asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .checkpoint import (
+    CFG_NAME,
+    WEIGHTS_NAME,
+    folder_layer,
+    layer_folder_names,
+    load_many_local,
+    load_sae,
+    sae_folders,
+    select_folders,
+)
+from .errors import UserError
+from .sae import Sae
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}; check the branch, tag or commit") from None
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{repo_id!r} is not in the local Hub cache and the Hub cannot be reached (offline?); "
+            "download it once with network access or unset HF_HUB_OFFLINE"
+        ) from None
+
+
+def list_hub_saes(repo_id: str, revision: str | None = None) -> list[str]:
+    """Top-level folders of a Hub repo that hold an SAE (`<folder>/cfg.json`), naturally sorted."""
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except (HfHubHTTPError, OSError, ValueError):
+        # Offline or unreachable: fall back on what the local cache holds.
+        try:
+            root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[]))
+        except Exception:
+            return []
+        return sae_folders(root)
+    return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + CFG_NAME)})
+
+
+def _folder_patterns(names: list[str]) -> list[str]:
+    return [f"{n}/{CFG_NAME}" for n in names] + [f"{n}/{WEIGHTS_NAME}" for n in names]
+
+
+def load_from_hub(
+    repo_id: str,
+    layer: int | None = None,
+    *,
+    hookpoint: str | None = None,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    decoder: bool = True,
+) -> Sae:
+    if layer is not None and hookpoint is not None:
+        raise UserError("pass either layer= or hookpoint=, not both")
+    if layer is None and hookpoint is None:
+        root = _download(repo_id, revision, [CFG_NAME, WEIGHTS_NAME])
+        if (root / CFG_NAME).is_file():
+            return load_sae(root, device=device, dtype=dtype, decoder=decoder)
+        available = list_hub_saes(repo_id, revision)
+        raise UserError(
+            f"Hub repo {repo_id!r} holds one SAE per layer; pass layer=N or hookpoint=NAME "
+            f"(it has: {', '.join(available) or 'none found'})"
+        )
+
+    candidates = layer_folder_names(layer) if layer is not None else [hookpoint]
+    root = _download(repo_id, revision, _folder_patterns(candidates))
+    for name in candidates:
+        if (root / name / CFG_NAME).is_file():
+            return load_sae(root / name, device=device, dtype=dtype, decoder=decoder)
+    available = list_hub_saes(repo_id, revision)
+    layers = sorted({n for n in map(folder_layer, available) if n is not None})
+    what = f"layer {layer}" if layer is not None else f"hookpoint {hookpoint!r}"
+    has = f"layers {layers}" if layers and layer is not None else ", ".join(available) or "none found"
+    raise UserError(f"Hub repo {repo_id!r} has no SAE for {what}; it has: {has}")
+
+
+def load_many_from_hub(
+    repo_id: str,
+    layers: list[int | str] | None = None,
+    pattern: str | None = None,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    decoder: bool = True,
+) -> dict[str, Sae]:
+    if layers is None:
+        # Every SAE folder (filtered by pattern): fetch only cfg.json and weights of those.
+        allow = _folder_patterns([pattern or "*"])
+    else:
+        names = [n for want in layers for n in (layer_folder_names(want) if isinstance(want, int) else [want])]
+        allow = _folder_patterns(names)
+    root = _download(repo_id, revision, allow)
+    available = sae_folders(root)
+    if not available:
+        listed = list_hub_saes(repo_id, revision)
+        raise UserError(
+            f"Hub repo {repo_id!r} has no SAE folders matching the request; it has: {', '.join(listed) or 'none'}"
+        )
+    where = f"Hub repo {repo_id!r}"
+    try:
+        names = select_folders(available, layers, pattern, where=where)
+    except UserError:
+        # Name what the whole repo has, not just what was downloaded.
+        select_folders(list_hub_saes(repo_id, revision) or available, layers, pattern, where=where)
+        raise
+    return load_many_local(root, names, device=device, dtype=dtype, decoder=decoder)

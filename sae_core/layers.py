@@ -1,0 +1,69 @@
+"""Layer specs: `"0-31"`, `"0,4,8"`, `"0-29:2"`, `"all"`, resolved against a model's depth.
+
+Layer L is `hidden_states[L]`: the residual stream entering block L (layer 0 is the output
+of the embedding). Valid layers are `0 .. num_layers - 1`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UserError
+
+_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_HELP = "use e.g. '0-31', '0,4,8', '0-29:2' or 'all'"
+
+
+def parse_layers(spec: str | int | list[int], num_layers: int) -> list[int]:
+    """Resolve a layer spec to a sorted list of distinct layers in `0 .. num_layers - 1`."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if isinstance(spec, int):
+        layers = [spec]
+    elif isinstance(spec, (list, tuple)):
+        layers = [int(x) for x in spec]
+    else:
+        layers = _parse_spec(str(spec), num_layers)
+    if not layers:
+        raise UserError(f"layer spec {spec!r} selects no layers; {_HELP}")
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise UserError(
+            f"layer {bad[0]} is out of range: the model has layers 0-{num_layers - 1} "
+            f"(layer L is the residual stream entering block L); {_HELP}"
+        )
+    return sorted(set(layers))
+
+
+def _parse_spec(spec: str, num_layers: int) -> list[int]:
+    text = spec.strip().replace(" ", "")
+    if text.lower() in ("all", "*"):
+        return list(range(num_layers))
+    if text.lower().startswith("all:"):
+        text = f"0-{num_layers - 1}:{text[4:]}"
+    layers: list[int] = []
+    for item in text.split(","):
+        m = _ITEM.match(item)
+        if not m:
+            raise UserError(f"malformed layer spec {spec!r} (at {item!r}); {_HELP}")
+        start, stop, step = m.group(1), m.group(2), m.group(3)
+        if stop is None:
+            layers.append(int(start))
+            continue
+        lo, hi, st = int(start), int(stop), int(step or 1)
+        if hi < lo or st < 1:
+            raise UserError(f"malformed layer range {item!r} in {spec!r}: need start <= end and step >= 1; {_HELP}")
+        layers.extend(range(lo, hi + 1, st))
+    return layers
+
+
+def format_layers(layers: list[int]) -> str:
+    """Compact spec for a sorted list: `[0,1,2,5]` -> `"0-2,5"`."""
+    parts, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts)

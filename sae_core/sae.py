@@ -1,0 +1,250 @@
+"""The TopK sparse autoencoder of Gao et al. (2024), in EleutherAI's checkpoint layout.
+
+    pre_acts = relu(W_enc (x - b_dec) + b_enc)         # (..., num_latents)
+    top_acts, top_indices = topk(pre_acts, k)           # (..., k)
+    x_hat = sum_j top_acts[j] * W_dec[top_indices[j]] + b_dec
+
+Parameter names match EleutherAI's `sae.safetensors`: `encoder.weight (num_latents, d_in)`,
+`encoder.bias`, `W_dec (num_latents, d_in)`, `b_dec (d_in)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import SaeConfig
+from .decode import decode
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    """Activations of the top-k latents, `(..., k)`."""
+    top_indices: Tensor
+    """Indices of the top-k latents, `(..., k)`."""
+
+
+class ForwardOutput(NamedTuple):
+    sae_out: Tensor
+    """Reconstruction, same shape as the input."""
+    latent_acts: Tensor
+    """Activations of the top-k latents."""
+    latent_indices: Tensor
+    """Indices of the top-k latents."""
+    fvu: Tensor
+    """Fraction of variance unexplained: sum of squared errors over the total variance."""
+    auxk_loss: Tensor
+    """AuxK loss: how well the top dead latents predict the residual (0 without dead latents)."""
+    multi_topk_fvu: Tensor
+    """FVU when decoding the top 4k latents (0 unless `cfg.multi_topk`)."""
+
+
+class Sae(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        cfg: SaeConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoder: bool = True,
+    ):
+        super().__init__()
+        if d_in < 1:
+            raise ValueError(f"d_in must be positive, got {d_in}")
+        self.cfg = cfg
+        self.d_in = d_in
+        self.num_latents = cfg.resolve_num_latents(d_in)
+        if cfg.k > self.num_latents:
+            raise ValueError(
+                f"k={cfg.k} is larger than the number of latents ({self.num_latents}); "
+                "lower k or raise expansion_factor/num_latents"
+            )
+
+        self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(self.encoder.weight.data.clone()) if decoder else None
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        with torch.no_grad():
+            self.encoder.bias.zero_()
+            if self.W_dec is not None and cfg.normalize_decoder:
+                # Gao et al.: the encoder starts as the transpose of the unit-norm decoder.
+                self.set_decoder_norm_to_unit_norm()
+                self.encoder.weight.copy_(self.W_dec)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.weight.dtype
+
+    # ----------------------------------------------------------------------------------- math
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """ReLU of the encoder applied to `x - b_dec`, `(..., num_latents)`."""
+        return nn.functional.relu(self.encoder(x.to(self.dtype) - self.b_dec))
+
+    def select_topk(self, pre_acts: Tensor, k: int | None = None) -> EncoderOutput:
+        return EncoderOutput(*pre_acts.topk(k or self.cfg.k, dim=-1, sorted=False))
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Top-k latents of `x`, any leading shape `(..., d_in)`."""
+        self._check_input(x)
+        return self.select_topk(self.pre_acts(x))
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """Reconstruction `(..., d_in)` from `(..., k)` latents."""
+        return self._decode_sparse(top_acts, top_indices) + self.b_dec
+
+    def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        if self.W_dec is None:
+            raise RuntimeError("this SAE was loaded with decoder=False; reload it with decoder=True to decode")
+        return decode(top_indices, top_acts.to(self.dtype), self.W_dec)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        """Reconstruct `x` and compute the training losses.
+
+        `dead_mask` is a `(num_latents,)` bool tensor of latents that have not fired for a
+        while; the AuxK loss (Gao et al., appendix B.1) makes the top `d_in // 2` of them
+        predict the residual `x - x_hat`, scaled down when fewer latents are dead.
+        """
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_in).to(self.dtype)
+        pre_acts = self.pre_acts(x)
+        top_acts, top_indices = self.select_topk(pre_acts)
+        sae_out = self.decode(top_acts, top_indices)
+        residual = x - sae_out
+
+        # Denominator that puts every loss on the scale of the data's variance.
+        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+        fvu = residual.pow(2).sum() / total_variance
+
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        if num_dead > 0:
+            k_aux = self.d_in // 2
+            scale = min(num_dead / k_aux, 1.0)
+            auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
+            auxk_acts, auxk_indices = self.select_topk(auxk_pre, min(k_aux, num_dead))
+            residual_hat = self._decode_sparse(auxk_acts, auxk_indices)
+            auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
+        else:
+            auxk_loss = fvu.new_tensor(0.0)
+
+        if self.cfg.multi_topk:
+            multi_k = min(4 * self.cfg.k, self.num_latents)
+            multi_out = self.decode(*self.select_topk(pre_acts, multi_k))
+            multi_topk_fvu = (multi_out - x).pow(2).sum() / total_variance
+        else:
+            multi_topk_fvu = fvu.new_tensor(0.0)
+
+        return ForwardOutput(
+            sae_out.reshape(*lead, self.d_in),
+            top_acts.reshape(*lead, -1),
+            top_indices.reshape(*lead, -1),
+            fvu,
+            auxk_loss,
+            multi_topk_fvu,
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}; "
+                "pass hidden states of the layer (and model) it was trained on"
+            )
+
+    # ------------------------------------------------------------------------- decoder norm
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        assert self.W_dec is not None
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out of `W_dec.grad` the component along each (unit-norm) decoder row."""
+        assert self.W_dec is not None and self.W_dec.grad is not None
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # ---------------------------------------------------------------------------------- I/O
+    def save_to_disk(self, path: str | Path) -> None:
+        """Write `cfg.json` and `sae.safetensors` into the folder `path`."""
+        from .checkpoint import save_sae
+
+        save_sae(self, path)
+
+    @staticmethod
+    def load_from_disk(
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+    ) -> Sae:
+        """Load one SAE folder (`cfg.json` + `sae.safetensors`)."""
+        from .checkpoint import load_sae
+
+        return load_sae(path, device=device, dtype=dtype, decoder=decoder)
+
+    @staticmethod
+    def load_from_hub(
+        repo_id: str,
+        layer: int | None = None,
+        *,
+        hookpoint: str | None = None,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+    ) -> Sae:
+        """Download (only) the folder of one layer or hookpoint of a Hub repo and load it."""
+        from .hub import load_from_hub
+
+        return load_from_hub(
+            repo_id, layer, hookpoint=hookpoint, revision=revision, device=device, dtype=dtype, decoder=decoder
+        )
+
+    @staticmethod
+    def load_many_from_hub(
+        repo_id: str,
+        layers: list[int | str] | None = None,
+        pattern: str | None = None,
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+    ) -> dict[str, Sae]:
+        """Load several SAEs of a Hub repo, naturally sorted by folder name."""
+        from .hub import load_many_from_hub
+
+        return load_many_from_hub(
+            repo_id, layers, pattern, revision=revision, device=device, dtype=dtype, decoder=decoder
+        )
+
+    @staticmethod
+    def load_many(
+        path_or_repo: str | Path,
+        local: bool = False,
+        layers: list[int | str] | None = None,
+        *,
+        pattern: str | None = None,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+    ) -> dict[str, Sae]:
+        """Load every SAE folder of a local folder (`local=True`) or a Hub repo, naturally sorted."""
+        from .checkpoint import load_many_local
+        from .hub import load_many_from_hub
+
+        if local:
+            return load_many_local(path_or_repo, layers, pattern, device=device, dtype=dtype, decoder=decoder)
+        return load_many_from_hub(
+            str(path_or_repo), layers, pattern, revision=revision, device=device, dtype=dtype, decoder=decoder
+        )
