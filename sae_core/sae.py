@@ -88,7 +88,7 @@ class Sae(nn.Module):
         return nn.functional.relu(self.encoder(x.to(self.dtype) - self.b_dec))
 
     def select_topk(self, pre_acts: Tensor, k: int | None = None) -> EncoderOutput:
-        return EncoderOutput(*pre_acts.topk(k or self.cfg.k, dim=-1, sorted=False))
+        return EncoderOutput(*pre_acts.topk(self.cfg.k if k is None else k, dim=-1, sorted=False))
 
     def encode(self, x: Tensor) -> EncoderOutput:
         """Top-k latents of `x`, any leading shape `(..., d_in)`."""
@@ -125,7 +125,7 @@ class Sae(nn.Module):
 
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if num_dead > 0:
-            k_aux = self.d_in // 2
+            k_aux = max(self.d_in // 2, 1)  # d_in = 1 would otherwise divide by zero below
             scale = min(num_dead / k_aux, 1.0)
             auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
             auxk_acts, auxk_indices = self.select_topk(auxk_pre, min(k_aux, num_dead))

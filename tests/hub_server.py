@@ -1,0 +1,375 @@
+"""A fake Hugging Face Hub for tests: a local HTTP server that serves model repos from folders.
+
+It implements just enough of the Hub's HTTP API for the real `huggingface_hub` client
+(`snapshot_download`, `hf_hub_download`, `HfApi().list_repo_files`/`list_repo_tree`/`model_info`)
+to work against it, and records every request so tests can assert what was downloaded:
+
+    GET  /api/models/{repo_id}[/revision/{rev}]           repo info: `sha`, `siblings`
+    GET  /api/models/{repo_id}/tree/{rev}[/{path}]        tree listing (`?recursive=true`), one page
+    HEAD /{repo_id}/resolve/{rev}/{path}                  file metadata: X-Repo-Commit, ETag, size
+    GET  /{repo_id}/resolve/{rev}/{path}                  file content
+
+Errors carry the `X-Error-Code` header the real Hub sends (`RepoNotFound`, `RevisionNotFound`,
+`EntryNotFound`), which the client turns into its typed exceptions. Files named `*.safetensors`
+are described as LFS files (sha256 ETag, `lfs` entry in the tree), the rest as plain git blobs.
+
+Usage (see `serve_hub`): `with serve_hub(monkeypatch, tmp_path) as hub: hub.add_repo(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    """URL path with each segment unquoted, e.g. `/org/repo/resolve/main/layer_0/cfg.json`."""
+    query: dict[str, list[str]]
+
+
+@dataclass
+class _Revision:
+    name: str
+    sha: str
+    folder: Path
+
+
+@dataclass
+class _Repo:
+    repo_id: str
+    revisions: dict[str, _Revision] = field(default_factory=dict)
+
+    def resolve(self, rev: str) -> _Revision | None:
+        if rev in self.revisions:
+            return self.revisions[rev]
+        for r in self.revisions.values():
+            if r.sha == rev:
+                return r
+        return None
+
+
+class _HubError(Exception):
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder` as a repo path (`a/b.txt`), sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _is_lfs(path: str) -> bool:
+    return path.endswith(LFS_SUFFIXES)
+
+
+class FakeHub:
+    """The repos served and the log of requests; thread-safe."""
+
+    def __init__(self) -> None:
+        self._repos: dict[str, _Repo] = {}
+        self._lock = threading.Lock()
+        self._salt = uuid.uuid4().hex
+        self.requests: list[Request] = []
+        self.errors: list[str] = []
+        """Tracebacks of exceptions raised while handling a request (a bug in this server)."""
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------ repos
+    def add_repo(self, repo_id: str, folder: str | Path, revision: str = "main") -> str:
+        """Serve `folder` as revision `revision` of model repo `repo_id`; returns its commit sha."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder")
+        sha = hashlib.sha1(f"{self._salt}/{repo_id}@{revision}".encode()).hexdigest()
+        with self._lock:
+            repo = self._repos.setdefault(repo_id, _Repo(repo_id))
+            repo.revisions[revision] = _Revision(revision, sha, folder)
+        return sha
+
+    # -------------------------------------------------------------------------------- log
+    def clear_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def resolved(self, repo_id: str | None = None, method: str = "GET") -> list[str]:
+        """Repo paths requested through `/resolve/` with `method` (GET = downloaded), in order."""
+        out = []
+        with self._lock:
+            requests = list(self.requests)
+        for r in requests:
+            if r.method != method:
+                continue
+            parts = r.path.lstrip("/").split("/")
+            if "resolve" not in parts:
+                continue
+            i = parts.index("resolve")
+            if repo_id is not None and "/".join(parts[:i]) != repo_id:
+                continue
+            out.append("/".join(parts[i + 2 :]))
+        return out
+
+    def downloaded(self, repo_id: str | None = None) -> list[str]:
+        """Repo paths whose content was downloaded (GET /resolve/), sorted."""
+        return sorted(self.resolved(repo_id, "GET"))
+
+    # ----------------------------------------------------------------------------- server
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeHub:
+        hub = self
+
+        class Handler(_Handler):
+            fake_hub = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (idempotent); afterwards connections to `url` are refused."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        assert self._thread is not None
+        self._thread.join(timeout=5)
+        self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # --------------------------------------------------------------------------- handling
+    def _log(self, method: str, path: str, query: dict[str, list[str]]) -> None:
+        with self._lock:
+            self.requests.append(Request(method, path, query))
+
+    def _find_repo(self, segments: list[str]) -> tuple[_Repo, list[str]]:
+        """Split URL segments into a served repo and the rest; RepoNotFound if none matches."""
+        with self._lock:
+            for n in (2, 1):
+                repo = self._repos.get("/".join(segments[:n]))
+                if repo is not None and len(segments) >= n:
+                    return repo, segments[n:]
+        raise _HubError(404, "RepoNotFound", "Repository not found")
+
+    @staticmethod
+    def _revision(repo: _Repo, rev: str) -> _Revision:
+        r = repo.resolve(rev)
+        if r is None:
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return r
+
+    def handle(self, method: str, raw_path: str) -> tuple[int, dict[str, str], bytes]:
+        split = urlsplit(raw_path)
+        raw_segments = [s for s in split.path.split("/") if s]
+        segments = [unquote(s) for s in raw_segments]
+        query = parse_qs(split.query)
+        self._log(method, "/" + "/".join(segments), query)
+
+        if segments[:2] == ["api", "models"]:
+            if method != "GET":
+                raise _HubError(405, None, "Method not allowed")
+            repo, rest = self._find_repo(segments[2:])
+            if not rest:
+                return self._json(self._info(repo, self._revision(repo, "main")))
+            if rest[0] == "revision" and len(rest) == 2:
+                return self._json(self._info(repo, self._revision(repo, rest[1])))
+            if rest[0] == "tree" and len(rest) >= 2:
+                rev = self._revision(repo, rest[1])
+                recursive = query.get("recursive", ["false"])[-1].lower() in ("true", "1")
+                return self._json(self._tree(rev, "/".join(rest[2:]), recursive))
+            raise _HubError(404, None, "Sorry, we can't find the page you are looking for.")
+
+        if "resolve" in segments:
+            if method not in ("GET", "HEAD"):
+                raise _HubError(405, None, "Method not allowed")
+            i = segments.index("resolve")
+            repo, rest = self._find_repo(segments[:i])
+            if rest or len(segments) < i + 3:
+                raise _HubError(404, None, "Sorry, we can't find the page you are looking for.")
+            rev = self._revision(repo, segments[i + 1])
+            return self._resolve(rev, "/".join(segments[i + 2 :]), with_body=method == "GET")
+
+        raise _HubError(404, None, "Sorry, we can't find the page you are looking for.")
+
+    @staticmethod
+    def _json(obj: object) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(obj).encode()
+
+    @staticmethod
+    def _info(repo: _Repo, rev: _Revision) -> dict:
+        return {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0] if "/" in repo.repo_id else None,
+            "sha": rev.sha,
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "siblings": [{"rfilename": f} for f in _files(rev.folder)],
+        }
+
+    @staticmethod
+    def _tree(rev: _Revision, path: str, recursive: bool) -> list[dict]:
+        base = rev.folder / path if path else rev.folder
+        if not base.is_dir():
+            raise _HubError(404, "EntryNotFound", f"{path} does not exist on {rev.name}", {"X-Repo-Commit": rev.sha})
+        children = base.rglob("*") if recursive else base.iterdir()
+        entries = []
+        for p in sorted(children):
+            rel = p.relative_to(rev.folder).as_posix()
+            if p.is_dir():
+                oid = hashlib.sha1(f"tree {rev.sha} {rel}".encode()).hexdigest()
+                entries.append({"type": "directory", "oid": oid, "size": 0, "path": rel})
+                continue
+            data = p.read_bytes()
+            entry: dict = {"type": "file", "oid": _git_blob_sha1(data), "size": len(data), "path": rel}
+            if _is_lfs(rel):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _resolve(rev: _Revision, path: str, *, with_body: bool) -> tuple[int, dict[str, str], bytes]:
+        file = rev.folder / path
+        if not path or ".." in path.split("/") or not file.is_file():
+            raise _HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": rev.sha})
+        data = file.read_bytes()
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(data)),
+            "X-Repo-Commit": rev.sha,
+            "Accept-Ranges": "bytes",
+        }
+        if _is_lfs(path):
+            sha256 = hashlib.sha256(data).hexdigest()
+            headers.update({"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data))})
+        else:
+            headers["ETag"] = f'"{_git_blob_sha1(data)}"'
+        return 200, headers, data if with_body else b""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake_hub: FakeHub  # set on the subclass made by FakeHub.start
+    server_version = "FakeHub/0.1"
+
+    def _serve(self, method: str) -> None:
+        try:
+            status, headers, body = self.fake_hub.handle(method, self.path)
+        except _HubError as e:
+            status = e.status
+            body = json.dumps({"error": e.message}).encode()
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **e.headers}
+            headers["X-Error-Message"] = e.message
+            if e.code is not None:
+                headers["X-Error-Code"] = e.code
+        except Exception:
+            # A bug in this server: record it for the test to fail on, and answer 400, which the
+            # client does not retry (a 500 would be retried with back-off, slowly).
+            self.fake_hub.errors.append(traceback.format_exc())
+            status, body = 400, b'{"error": "fake hub crashed"}'
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if method != "HEAD" and body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._serve("HEAD")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool = True) -> None:
+    """Turn huggingface_hub's offline mode on (or off) for the rest of the test."""
+    from huggingface_hub import constants
+
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # Read from the environment once, at import; `constants.is_offline_mode()` returns this.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+@contextlib.contextmanager
+def serve_hub(monkeypatch: pytest.MonkeyPatch, home: str | Path) -> Iterator[FakeHub]:
+    """Start a `FakeHub` and point huggingface_hub at it, with a fresh cache under `home`.
+
+    huggingface_hub reads its settings from the environment once, at import, into
+    `huggingface_hub.constants`; its functions then read `constants.X` at call time. So the
+    environment is set (for anything started later) and those constants are patched too.
+    The server is stopped on exit; a request the server failed on makes the exit raise.
+    """
+    from huggingface_hub import constants
+
+    home = Path(home)
+    cache = home / "hub"
+    cache.mkdir(parents=True, exist_ok=True)
+    hub = FakeHub().start()
+    try:
+        endpoint = hub.url
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_HOME", str(home))
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", os.path.join(home, "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", os.path.join(home, "stored_tokens"))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield hub
+    finally:
+        hub.stop()
+    if hub.errors:
+        raise AssertionError("the fake Hub failed on a request:\n" + "\n".join(hub.errors))
