@@ -83,7 +83,7 @@ def _read_cfg(path: Path) -> tuple[int, SaeConfig]:
         inner = sae_folders(path)
         if inner:
             raise UserError(
-                f"{path} holds several SAEs, not one: load one of {', '.join(inner)} "
+                f"{path} is a folder of SAE folders, not one SAE: load one of {', '.join(inner)} "
                 "or use Sae.load_many(..., local=True)"
             )
         raise UserError(f"{path} has no {CFG_NAME}; point at a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
@@ -111,7 +111,8 @@ def load_sae(
     """Load a folder in EleutherAI's layout; `dtype=None` keeps the stored dtype (fp32 or bf16)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"SAE folder {path} does not exist; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise UserError(f"SAE folder {path} {what}; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
     d_in, cfg = _read_cfg(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

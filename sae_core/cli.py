@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -21,3 +23,13 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
 
 def entry_point(app: typer.Typer) -> Callable[[], None]:
     return lambda: run_app(app)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under the fields of a dataclass: CLI help from the config itself."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:], strict=False):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs

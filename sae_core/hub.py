@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
-    HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from natsort import natsorted
 
 from .checkpoint import (
     CFG_NAME,
@@ -43,18 +43,42 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
         ) from None
 
 
-def list_hub_saes(repo_id: str, revision: str | None = None) -> list[str]:
-    """Top-level folders of a Hub repo that hold an SAE (`<folder>/cfg.json`), naturally sorted."""
+def _cached_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """Every file of the repo, from the listing an earlier download cached (huggingface_hub >= 1.x)."""
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-    except (HfHubHTTPError, OSError, ValueError):
-        # Offline or unreachable: fall back on what the local cache holds.
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:
+        return None
+    try:
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
+    except Exception:
+        return None
+
+
+def list_hub_saes(repo_id: str, revision: str | None = None, *, after_download: bool = False) -> list[str]:
+    """Top-level folders of a Hub repo that hold an SAE (`<folder>/cfg.json`), naturally sorted.
+
+    `after_download=True` (right after a `snapshot_download` of this revision): first read the
+    repo's file listing that download cached, which is current, instead of asking the Hub again.
+    """
+    files = _cached_repo_files(repo_id, revision) if after_download else None
+    if files is None:
         try:
-            root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[]))
+            files = HfApi().list_repo_files(repo_id, revision=revision)
         except Exception:
-            return []
-        return sae_folders(root)
-    return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + CFG_NAME)})
+            # Offline or unreachable (the HTTP library's connection errors are not OSErrors):
+            # the file listing cached by an earlier download names every folder; without one,
+            # fall back on the folders the local cache holds.
+            files = _cached_repo_files(repo_id, revision)
+            if files is None:
+                try:
+                    root = Path(
+                        snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[])
+                    )
+                except Exception:
+                    return []
+                return sae_folders(root)
+    return natsorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + CFG_NAME)})
 
 
 def _folder_patterns(names: list[str]) -> list[str]:
@@ -77,7 +101,7 @@ def load_from_hub(
         root = _download(repo_id, revision, [CFG_NAME, WEIGHTS_NAME])
         if (root / CFG_NAME).is_file():
             return load_sae(root, device=device, dtype=dtype, decoder=decoder)
-        available = list_hub_saes(repo_id, revision)
+        available = list_hub_saes(repo_id, revision, after_download=True)
         raise UserError(
             f"Hub repo {repo_id!r} holds one SAE per layer; pass layer=N or hookpoint=NAME "
             f"(it has: {', '.join(available) or 'none found'})"
@@ -88,7 +112,7 @@ def load_from_hub(
     for name in candidates:
         if (root / name / CFG_NAME).is_file():
             return load_sae(root / name, device=device, dtype=dtype, decoder=decoder)
-    available = list_hub_saes(repo_id, revision)
+    available = list_hub_saes(repo_id, revision, after_download=True)
     layers = sorted({n for n in map(folder_layer, available) if n is not None})
     what = f"layer {layer}" if layer is not None else f"hookpoint {hookpoint!r}"
     has = f"layers {layers}" if layers and layer is not None else ", ".join(available) or "none found"
@@ -113,16 +137,17 @@ def load_many_from_hub(
         allow = _folder_patterns(names)
     root = _download(repo_id, revision, allow)
     available = sae_folders(root)
-    if not available:
-        listed = list_hub_saes(repo_id, revision)
-        raise UserError(
-            f"Hub repo {repo_id!r} has no SAE folders matching the request; it has: {', '.join(listed) or 'none'}"
-        )
     where = f"Hub repo {repo_id!r}"
+    if not available:
+        listed = list_hub_saes(repo_id, revision, after_download=True)
+        if listed:
+            # Names the missing layer or the pattern that matched nothing.
+            select_folders(listed, layers, pattern, where=where)
+        raise UserError(f"{where} has no SAE folders matching the request; it has: {', '.join(listed) or 'none'}")
     try:
         names = select_folders(available, layers, pattern, where=where)
     except UserError:
         # Name what the whole repo has, not just what was downloaded.
-        select_folders(list_hub_saes(repo_id, revision) or available, layers, pattern, where=where)
+        select_folders(list_hub_saes(repo_id, revision, after_download=True) or available, layers, pattern, where=where)
         raise
     return load_many_local(root, names, device=device, dtype=dtype, decoder=decoder)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import SaeConfig
 from .decode import decode
+from .errors import UserError
 
 
 class EncoderOutput(NamedTuple):
@@ -59,7 +60,7 @@ class Sae(nn.Module):
         self.d_in = d_in
         self.num_latents = cfg.resolve_num_latents(d_in)
         if cfg.k > self.num_latents:
-            raise ValueError(
+            raise UserError(
                 f"k={cfg.k} is larger than the number of latents ({self.num_latents}); "
                 "lower k or raise expansion_factor/num_latents"
             )

@@ -114,13 +114,13 @@ class FakeHub:
         with self._lock:
             self.requests.clear()
 
-    def resolved(self, repo_id: str | None = None, method: str = "GET") -> list[str]:
-        """Repo paths requested through `/resolve/` with `method` (GET = downloaded), in order."""
+    def resolved(self, repo_id: str | None = None, method: str | None = "GET") -> list[str]:
+        """Repo paths requested through `/resolve/` with `method` (None: any), in order."""
         out = []
         with self._lock:
             requests = list(self.requests)
         for r in requests:
-            if r.method != method:
+            if method is not None and r.method != method:
                 continue
             parts = r.path.lstrip("/").split("/")
             if "resolve" not in parts:
@@ -132,8 +132,16 @@ class FakeHub:
         return out
 
     def downloaded(self, repo_id: str | None = None) -> list[str]:
-        """Repo paths whose content was downloaded (GET /resolve/), sorted."""
+        """Repo paths whose content was downloaded (GET /resolve/), sorted.
+
+        The client skips the GET of a file whose content (ETag) is already in its cache, e.g. a
+        second folder's cfg.json identical to the first's; `fetched` includes those.
+        """
         return sorted(self.resolved(repo_id, "GET"))
+
+    def fetched(self, repo_id: str | None = None) -> list[str]:
+        """Repo paths the client asked for at all (HEAD or GET /resolve/), sorted, once each."""
+        return sorted(set(self.resolved(repo_id, None)))
 
     # ----------------------------------------------------------------------------- server
     @property
@@ -150,7 +158,9 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -10,8 +10,8 @@ from tests.conftest import tiny_llama
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")

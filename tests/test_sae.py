@@ -99,7 +99,9 @@ def test_encode_matches_dense_topk(shape):
 
     acts = top_acts.detach().reshape(-1, K)
     idx = top_indices.reshape(-1, K)
-    torch.testing.assert_close(acts.sort(-1, descending=True).values, ref_vals, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        acts.sort(-1, descending=True).values, ref_vals, rtol=1e-12, atol=1e-12
+    )
     for row_lib, row_ref in zip(idx.tolist(), order.tolist(), strict=True):
         assert set(row_lib) == set(row_ref)
     # The activations belong to the indices they come with.
@@ -180,8 +182,12 @@ def test_forward_matches_reference(num_dead):
     assert auxk > 0
     assert out.multi_topk_fvu.item() == 0.0
     # The selected latents reconstruct x: sae_out == decode of the returned latents.
-    z = torch.zeros(40, NUM_LATENTS, dtype=F64).scatter(-1, out.latent_indices, out.latent_acts.detach())
-    torch.testing.assert_close(z @ sae.W_dec.detach() + sae.b_dec.detach(), x_hat, rtol=1e-12, atol=1e-12)
+    z = torch.zeros(40, NUM_LATENTS, dtype=F64).scatter(
+        -1, out.latent_indices, out.latent_acts.detach()
+    )
+    torch.testing.assert_close(
+        z @ sae.W_dec.detach() + sae.b_dec.detach(), x_hat, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_auxk_scale_is_num_dead_over_k_aux():
@@ -230,7 +236,9 @@ def test_forward_leading_dims():
     x_hat, fvu, auxk, _ = ref_forward(
         x.reshape(15, D_IN), *(p.detach() for p in params(sae)), K, dead_mask=dead
     )
-    torch.testing.assert_close(out.sae_out.detach().reshape(15, D_IN), x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out.sae_out.detach().reshape(15, D_IN), x_hat, rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(out.fvu.detach(), fvu, rtol=1e-12, atol=0)
     torch.testing.assert_close(out.auxk_loss.detach(), auxk, rtol=1e-12, atol=0)
 
@@ -255,7 +263,9 @@ def test_gradients_match_dense_reference(num_dead):
     ref_params = [p.detach().clone().requires_grad_(True) for p in params(sae)]
     _, fvu, auxk, _ = ref_forward(x.reshape(-1, D_IN), *ref_params, K, dead_mask=dead)
     (fvu + auxk).backward()
-    for name, got, ref in zip(["encoder.weight", "encoder.bias", "W_dec", "b_dec"], lib_grads, ref_params, strict=True):
+    for name, got, ref in zip(
+        ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], lib_grads, ref_params, strict=True
+    ):
         assert ref.grad.abs().max() > 0, name
         torch.testing.assert_close(got, ref.grad, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -296,8 +306,12 @@ def test_set_decoder_norm_to_unit_norm():
         sae.W_dec.mul_(scales)
     before = sae.W_dec.detach().clone()
     sae.set_decoder_norm_to_unit_norm()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(NUM_LATENTS, dtype=F64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(sae.W_dec.detach(), before / before.norm(dim=1, keepdim=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        sae.W_dec.norm(dim=1), torch.ones(NUM_LATENTS, dtype=F64), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        sae.W_dec.detach(), before / before.norm(dim=1, keepdim=True), rtol=1e-12, atol=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -340,5 +354,7 @@ def test_half_model_float32_input(dtype):
     assert all(p.grad is not None and p.grad.dtype == dtype for p in sae.parameters())
 
     # Loosely agrees with the float64 reference on the same (rounded) weights.
-    _, fvu, _, _ = ref_forward(x.to(dtype).double().reshape(-1, D_IN), *(p.detach().double() for p in params(sae)), K)
+    _, fvu, _, _ = ref_forward(
+        x.to(dtype).double().reshape(-1, D_IN), *(p.detach().double() for p in params(sae)), K
+    )
     assert abs(out.fvu.item() - fvu.item()) < 0.05 * fvu.item() + 0.02

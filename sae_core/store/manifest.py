@@ -1,0 +1,112 @@
+"""The commit protocol: a shard counts once its files are on disk and a manifest lists it.
+
+Each writer (one per rank) owns one manifest file, replaced atomically (write a temporary
+file, fsync, rename). Readers take the union of all manifest files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .stats import RunningStats
+
+MANIFEST = "manifest.json"
+
+
+def manifest_name(rank: int | None) -> str:
+    return MANIFEST if rank is None else f"manifest.rank{rank}.json"
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+@dataclass
+class ShardRecord:
+    shard: int
+    tokens: tuple[int, int]
+    files: dict[str, dict]  # relative path -> {"crc32": int, "bytes": int}
+
+    def to_json(self) -> dict:
+        return {"tokens": list(self.tokens), "files": self.files}
+
+
+@dataclass
+class Manifest:
+    shards: dict[int, ShardRecord] = field(default_factory=dict)
+    stats: dict[str, RunningStats] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "shards": {str(i): r.to_json() for i, r in sorted(self.shards.items())},
+                "stats": {k: v.to_json() for k, v in self.stats.items()},
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            shards = {
+                int(i): ShardRecord(int(i), tuple(r["tokens"]), r["files"]) for i, r in d["shards"].items()
+            }
+            stats = {k: RunningStats.from_json(v) for k, v in d.get("stats", {}).items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{source} is corrupt ({type(e).__name__}: {e}); run `actcache verify`") from None
+        return cls(shards, stats)
+
+    def save(self, root: Path, rank: int | None) -> None:
+        atomic_write(root / manifest_name(rank), self.to_json())
+
+    def merged_with(self, other: Manifest) -> Manifest:
+        """Union of two manifests; stats of `other` are added only if it brings new shards."""
+        new = set(other.shards) - set(self.shards)
+        stats = dict(self.stats)
+        if new:
+            if set(other.shards) & set(self.shards):
+                raise UserError("two manifests of this store overlap; run `actcache verify` and re-collect")
+            for k, v in other.stats.items():
+                stats[k] = stats[k].merge(v) if k in stats else v
+        return Manifest({**self.shards, **other.shards}, stats)
+
+
+def manifest_files(root: Path) -> list[Path]:
+    main = root / MANIFEST
+    ranks = sorted(root.glob("manifest.rank*.json"))
+    return ([main] if main.is_file() else []) + ranks
+
+
+def read_manifests(root: Path) -> Manifest:
+    """The union of every manifest of a store: what is committed."""
+    out = Manifest()
+    for p in manifest_files(root):
+        out = out.merged_with(Manifest.from_json(p.read_text(), str(p)))
+    return out

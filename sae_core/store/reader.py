@@ -1,0 +1,150 @@
+"""Reading a store: layers, committed tokens, token ranges and chunks as torch tensors."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .format import (
+    ATTRS_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TORCH_DTYPES,
+    array_path,
+    from_storage,
+    layer_key,
+)
+from .layout import StoreLayout
+from .manifest import Manifest, read_manifests
+from .stats import RunningStats
+
+
+class StoreCorruptError(UserError):
+    """A chunk or shard of a store fails its checksum or cannot be decoded."""
+
+
+class ActivationStore:
+    """Read-only view of the committed part of a store written by `actcache collect`."""
+
+    def __init__(self, path: str | Path):
+        import zarr
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"store {self.path} does not exist; create it with `actcache collect --out {self.path}`")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        except Exception as e:  # zarr raises several types for "not a group"
+            raise UserError(f"{self.path} is not an actcache store ({type(e).__name__}); check the path") from None
+        meta = self.group.attrs.get(ATTRS_KEY)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise UserError(f"{self.path} is a Zarr group but not an actcache store; check the path")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise UserError(f"{self.path} was written by a newer actcache (format {meta['format_version']}); upgrade")
+        self.meta: dict = meta
+        self.layout = StoreLayout(**meta["layout"])
+        self.dtype_name: str = meta["dtype"]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the manifests (a collection may still be running)."""
+        self.manifest: Manifest = read_manifests(self.path)
+        self.__dict__.pop("_arrays", None)
+
+    # ------------------------------------------------------------------------- what is in it
+    @property
+    def layers(self) -> list[str]:
+        """Array names: `layer_L` in layer mode, hookpoint names in hookpoint mode."""
+        return list(self.meta["arrays"])
+
+    @property
+    def layer_ids(self) -> list[int] | None:
+        return self.meta.get("layers")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype_name]
+
+    def d(self, layer: int | str) -> int:
+        return self.meta["arrays"][self.resolve(layer)]["d"]
+
+    @property
+    def committed_shards(self) -> list[int]:
+        return sorted(self.manifest.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in committed shards."""
+        return sum(r.tokens[1] - r.tokens[0] for r in self.manifest.shards.values())
+
+    @property
+    def complete(self) -> bool:
+        return len(self.manifest.shards) == self.layout.num_shards
+
+    def committed_chunks(self) -> list[int]:
+        return [c for s in self.committed_shards for c in self.layout.shard_chunks(s)]
+
+    def stats(self, layer: int | str) -> RunningStats:
+        return self.manifest.stats[self.resolve(layer)]
+
+    def resolve(self, layer: int | str) -> str:
+        name = layer_key(layer) if isinstance(layer, int) else layer
+        if name not in self.meta["arrays"]:
+            raise UserError(f"store {self.path} has no layer {layer!r}; it has: {', '.join(self.layers)}")
+        return name
+
+    # ---------------------------------------------------------------------------------- data
+    @cached_property
+    def _arrays(self) -> dict:
+        return {name: self.group[array_path(name)] for name in self.layers} | {"tokens": self.group["tokens"]}
+
+    def _check_committed(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.layout.num_tokens:
+            raise UserError(f"token range [{start}, {stop}) is outside the store (0..{self.layout.num_tokens})")
+        if stop == start:
+            return
+        st = self.layout.shard_tokens
+        missing = [s for s in range(start // st, (stop - 1) // st + 1) if s not in self.manifest.shards]
+        if missing:
+            raise UserError(
+                f"tokens [{start}, {stop}) include shard {missing[0]}, which is not committed; "
+                f"finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
+            )
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        self._check_committed(start, stop)
+        try:
+            return self._arrays[name][start:stop]
+        except Exception as e:
+            raise StoreCorruptError(
+                f"store {self.path}: reading {name} tokens [{start}, {stop}) failed ({type(e).__name__}: {e}); "
+                "a chunk is corrupt or missing: run `actcache verify` and re-collect the shard"
+            ) from None
+
+    def read(self, layer: int | str, start: int, stop: int) -> torch.Tensor:
+        """Activations of tokens `[start, stop)`, `(stop - start, d)` in the logical dtype."""
+        name = self.resolve(layer)
+        return from_storage(self._read(name, start, stop), self.dtype_name)
+
+    def read_chunk(self, layer: int | str, chunk: int) -> torch.Tensor:
+        r = self.layout.chunk_tokens_range(chunk)
+        return self.read(layer, r.start, r.stop)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Token ids of `[start, stop)` (int64)."""
+        stop = self.layout.num_tokens if stop is None else stop
+        return torch.from_numpy(self._read("tokens", start, stop).astype(np.int64))
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({str(self.path)!r}, model={self.meta['model']['id']!r}, "
+            f"layers={self.layers}, tokens={self.num_tokens}/{self.layout.num_tokens}, dtype={self.dtype_name})"
+        )
+
+
+def open_store(path: str | Path) -> ActivationStore:
+    return ActivationStore(path)
