@@ -69,6 +69,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
         return _embedded()
     import datasets
 
+    datasets.disable_progress_bars()  # small local files load in a blink; keep stderr for errors
     path = Path(dataset).expanduser()
     if path.is_file():
         files = [path]
@@ -125,6 +126,8 @@ def pack(docs: Documents, tokenizer, ctx_len: int, *, max_sequences: int | None 
     pending: list[int] = []
     num_docs = 0
     for ids in _token_stream(docs, tokenizer):
+        if len(ids) == 0:
+            continue
         num_docs += 1
         if docs.token_rows is not None and len(ids) == ctx_len and not pending:
             rows.append(np.asarray(ids, dtype=np.int32))  # already packed

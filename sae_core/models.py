@@ -154,13 +154,26 @@ def load_model(
     `gguf_file=`); None loads the embedded SmolLM2 default. `dtype=None` means fp32 on CPU
     and bf16 on CUDA.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if load_in_8bit:
         _check_8bit(dev)
     source, gguf = _locate(name_or_path, gguf_file)
+    from transformers.utils import logging as hf_logging
+
+    # Loading a small checkpoint takes well under a second: no "Loading weights" bar.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf

@@ -32,3 +32,43 @@ def smollm2():
     from sae_core import load_model
 
     return load_model()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (257 ids: 256 bytes + EOS) for tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+TINY_TEXT = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 3,
+    "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 4,
+    "All the world's a stage,\nAnd all the men and women merely players;\n" * 5,
+    "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 2,
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 4-layer random Llama (d=16) with a byte tokenizer."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(num_layers=4, hidden=16, vocab=257).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A folder of .txt documents (about 1k tokens)."""
+    path = tmp_path_factory.mktemp("text")
+    for i, t in enumerate(TINY_TEXT):
+        (path / f"doc{i}.txt").write_text(t)
+    return path

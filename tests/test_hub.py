@@ -7,6 +7,7 @@ published ones, and the tests assert both what was loaded and which files went o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,14 @@ def test_unreachable_hub_falls_back_on_cache(hub: FakeHub, old_repo):
     assert_weights(Sae.load_from_hub(OLD_REPO, layer=10), old_repo["layer_10"])
     with pytest.raises(UserError, match="cache"):
         Sae.load_from_hub(OLD_REPO, layer=0)
+    # A layer the repo lacks: named from the cached listing, with no connection error escaping
+    # and no retrying with back-off against the dead endpoint (that takes ~20 s).
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"layer 7.*\[0, 2, 10\]"):
+        Sae.load_from_hub(OLD_REPO, layer=7)
+    with pytest.raises(UserError, match=r"7.*layer_0, layer_2, layer_10"):
+        Sae.load_many_from_hub(OLD_REPO, layers=[10, 7])
+    assert time.monotonic() - start < 5
 
 
 # ----------------------------------------------------------------- the README inference example

@@ -1,0 +1,129 @@
+"""actcache collect on a tiny random model: stored activations against transformers' hidden_states."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actcache import CollectConfig, collect
+from actcache.data import Documents, pack
+from sae_core.store import ActivationStore, verify_store
+from tests.conftest import TINY_TEXT, byte_tokenizer
+
+CTX = 32
+
+
+def run(tmp_path, model_dir, data_dir, name="s.zarr", **kw):
+    cfg = CollectConfig(
+        out=tmp_path / name, model=str(model_dir), dataset=str(data_dir), ctx_len=CTX, batch_size=2,
+        seqs_per_shard=4, device="cpu", progress=False, **kw,
+    )
+    collect(cfg)
+    return ActivationStore(cfg.out)
+
+
+def hidden_states(model_dir, ids: torch.Tensor, batch_size: int = 2):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for b in range(0, len(ids), batch_size):
+            outs.append(model(ids[b : b + batch_size], output_hidden_states=True).hidden_states)
+    return [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def test_fp32_equals_hidden_states(tmp_path, tiny_model_dir, tiny_text_dir):
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,2,3", dtype="float32")
+    assert store.layers == ["layer_0", "layer_2", "layer_3"] and store.complete
+    n = store.layout.num_tokens
+    ids = store.tokens(0, n).reshape(-1, CTX)
+    hs = hidden_states(tiny_model_dir, ids)
+    for layer in (0, 2, 3):
+        got = store.read(layer, 0, n)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, hs[layer].reshape(n, -1)), layer
+    assert verify_store(store.path) == []
+
+
+def test_bf16_equals_hidden_states_rounded(tmp_path, tiny_model_dir, tiny_text_dir):
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="1,3")
+    n = store.layout.num_tokens
+    hs = hidden_states(tiny_model_dir, store.tokens(0, n).reshape(-1, CTX))
+    for layer in (1, 3):
+        got = store.read(layer, 0, n)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, hs[layer].reshape(n, -1).to(torch.bfloat16))
+    # The raw zarr array is uint16 bits, readable by any zarr v3 reader.
+    import zarr
+
+    raw = zarr.open_array(str(store.path / "layers" / "layer_1"), mode="r")
+    assert raw.dtype == np.uint16 and raw.shape == (n, 16)
+    assert torch.equal(torch.from_numpy(raw[:5].astype(np.int32)).to(torch.int16).view(torch.bfloat16), store.read(1, 0, 5))
+
+
+def test_hookpoints_equal_module_outputs(tmp_path, tiny_model_dir, tiny_text_dir):
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, hookpoints=["model.layers.*.mlp", "model.norm"], dtype="float32")
+    assert store.layers == [f"model.layers.{i}.mlp" for i in range(4)] + ["model.norm"]
+    n = store.layout.num_tokens
+    ids = store.tokens(0, n).reshape(-1, CTX)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    seen: dict[str, list] = {name: [] for name in store.layers}
+    mods = dict(model.named_modules())
+    for name in store.layers:
+        mods[name].register_forward_hook(lambda m, a, o, name=name: seen[name].append(o.detach()))
+    with torch.no_grad():
+        for b in range(0, len(ids), 2):
+            model(ids[b : b + 2])
+    for name in store.layers:
+        assert torch.equal(store.read(name, 0, n), torch.cat(seen[name]).reshape(n, -1)), name
+
+
+def test_tokens_are_the_packed_documents_in_seeded_order(tmp_path, tiny_model_dir, tiny_text_dir):
+    tok = byte_tokenizer()
+    expected = pack(Documents("x", texts=TINY_TEXT), tok, CTX)
+    # Documents are joined by EOS, never split by line.
+    flat = [i for t in TINY_TEXT for i in tok(t)["input_ids"] + [tok.eos_token_id]]
+    assert np.array_equal(expected.reshape(-1), np.array(flat[: expected.size]))
+
+    plain = run(tmp_path, tiny_model_dir, tiny_text_dir, name="plain.zarr", layers="0", seed=None)
+    assert torch.equal(plain.tokens().reshape(-1, CTX), torch.from_numpy(expected).long())
+    shuffled = run(tmp_path, tiny_model_dir, tiny_text_dir, name="shuf.zarr", layers="0", seed=3)
+    got = shuffled.tokens().reshape(-1, CTX)
+    assert not torch.equal(got, plain.tokens().reshape(-1, CTX))
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+    assert shuffled.meta["data"]["fingerprint"] != plain.meta["data"]["fingerprint"]
+
+
+def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="all", max_tokens=100)
+    assert store.layout.num_tokens == 128  # rounded up to whole sequences
+    m = store.meta
+    assert m["layers"] == [0, 1, 2, 3] and m["d_model"] == 16 and m["ctx_len"] == CTX
+    assert m["dtype"] == "bfloat16" and m["storage_dtype"] == "uint16"
+    assert m["model"]["id"] == str(tiny_model_dir) and "hidden_states[L]" in m["layer_convention"]
+    assert len(m["data"]["fingerprint"]) == 64 and m["tool"]["name"] == "actcache"
+    s = store.stats(2)
+    x = store.read(2, 0, 128).double().numpy()
+    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s.var, x.var(0, ddof=1), rtol=1e-9, atol=1e-9)
+    q = s.norm_quantiles()
+    assert abs(q["p50"] - np.median(np.linalg.norm(x, axis=1))) / q["p50"] < 0.05
+    assert json.loads((store.path / "zarr.json").read_text())["attributes"]["actcache"]["format"] == "actcache-store"
+
+
+def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    orig = modeling_llama.LlamaDecoderLayer.forward
+
+    def counting(self, *a, **k):
+        calls.append(self.self_attn.layer_idx)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", counting)
+    run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1")
+    assert set(calls) == {0}, "layer 1 is the input of block 1: blocks 1-3 must not run"
