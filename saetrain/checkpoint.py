@@ -1,0 +1,72 @@
+"""Training checkpoints: SAEs, Adam state, dead-latent counters and the position in the data order.
+
+`checkpoints/step_N/` is written in full (every rank its own layers), then `checkpoints/LATEST`
+is replaced atomically by rank 0; a crash leaves the previous checkpoint in force. Everything
+is safetensors or JSON: nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_core import Sae
+from sae_core.store.manifest import atomic_write
+
+LATEST = "LATEST"
+
+
+def ckpt_root(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def save_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sae.save_to_disk(folder)
+    names = {id(p): n for n, p in sae.named_parameters()}
+    tensors = {"num_tokens_since_fired": since_fired.cpu()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+
+
+def load_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer) -> torch.Tensor:
+    loaded = Sae.load_from_disk(folder, device=sae.device, dtype=sae.dtype)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(sae.named_parameters(), loaded.named_parameters(), strict=True):
+            p.copy_(q)
+    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(sae.device))
+    for name, p in sae.named_parameters():
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        if state:
+            if "step" in state:
+                state["step"] = state["step"].cpu()
+            opt.state[p] = state
+    return tensors["num_tokens_since_fired"]
+
+
+def write_state(root: Path, step: int, state: dict) -> None:
+    (root / f"step_{step}").mkdir(parents=True, exist_ok=True)
+    atomic_write(root / f"step_{step}" / "state.json", json.dumps(state, indent=2))
+
+
+def publish(root: Path, step: int) -> None:
+    """Make step_N the checkpoint in force, then drop older ones."""
+    atomic_write(root / LATEST, f"step_{step}\n")
+    for p in root.glob("step_*"):
+        if p.name != f"step_{step}":
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(out: Path) -> tuple[Path, dict] | None:
+    root = ckpt_root(out)
+    if not (root / LATEST).is_file():
+        return None
+    folder = root / (root / LATEST).read_text().strip()
+    return folder, json.loads((folder / "state.json").read_text())

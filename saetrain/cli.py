@@ -1,0 +1,113 @@
+"""The `saetrain` command: fit TopK SAEs from an activation store, and evaluate them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from sae_core.cli import field_docs, run_app
+
+from .config import TrainConfig
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train one TopK SAE per layer from an activation store written by `actcache collect`.",
+)
+_doc = field_docs(TrainConfig)
+_D = TrainConfig.__dataclass_fields__
+
+
+def _default(name: str):
+    return _D[name].default
+
+
+@app.command()
+def fit(
+    store: Path = typer.Option(..., help=_doc["store"]),
+    out: Path = typer.Option(..., "--out", "-o", help=_doc["out"]),
+    layers: str | None = typer.Option(None, help=_doc["layers"]),
+    k: int = typer.Option(_default("k"), help=_doc["k"]),
+    expansion_factor: int = typer.Option(_default("expansion_factor"), help=_doc["expansion_factor"]),
+    num_latents: int = typer.Option(_default("num_latents"), help=_doc["num_latents"]),
+    batch_size: int = typer.Option(_default("batch_size"), help=_doc["batch_size"]),
+    grad_acc_steps: int = typer.Option(_default("grad_acc_steps"), help=_doc["grad_acc_steps"]),
+    micro_acc_steps: int = typer.Option(_default("micro_acc_steps"), help=_doc["micro_acc_steps"]),
+    lr: float | None = typer.Option(None, help=_doc["lr"]),
+    lr_warmup_steps: int = typer.Option(_default("lr_warmup_steps"), help=_doc["lr_warmup_steps"]),
+    auxk_alpha: float = typer.Option(_default("auxk_alpha"), help=_doc["auxk_alpha"]),
+    dead_feature_threshold: int = typer.Option(_default("dead_feature_threshold"), help=_doc["dead_feature_threshold"]),
+    multi_topk: bool = typer.Option(False, "--multi-topk", help=_doc["multi_topk"]),
+    max_tokens: int | None = typer.Option(None, help=_doc["max_tokens"]),
+    epochs: int = typer.Option(_default("epochs"), help=_doc["epochs"]),
+    seed: int = typer.Option(_default("seed"), help=_doc["seed"]),
+    exclude_first_tokens: int = typer.Option(0, help=_doc["exclude_first_tokens"]),
+    exclude_token_ids: str | None = typer.Option(None, metavar="IDS", help=_doc["exclude_token_ids"] + " Comma-separated."),
+    holdout: float = typer.Option(_default("holdout"), help=_doc["holdout"]),
+    shuffle_window: int = typer.Option(_default("shuffle_window"), help=_doc["shuffle_window"]),
+    save_every: int = typer.Option(_default("save_every"), help=_doc["save_every"]),
+    resume: bool = typer.Option(False, "--resume", help=_doc["resume"]),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_doc["overwrite"]),
+    distribute_layers: bool = typer.Option(False, "--distribute-layers", help=_doc["distribute_layers"]),
+    device: str = typer.Option("auto", help=_doc["device"]),
+    grad_clip: float = typer.Option(_default("grad_clip"), help=_doc["grad_clip"]),
+    read_threads: int = typer.Option(_default("read_threads"), help=_doc["read_threads"]),
+    wandb: str | None = typer.Option(None, help=_doc["wandb"]),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc["progress"]),
+) -> None:
+    """Stream the store into one TopK SAE per layer; write runs/NAME/layer_L/{cfg.json,sae.safetensors}."""
+    from sae_core import UserError
+
+    from .trainer import fit as run
+
+    try:
+        ids = [int(x) for x in exclude_token_ids.split(",") if x.strip()] if exclude_token_ids else []
+    except ValueError:
+        raise UserError(f"--exclude-token-ids must be comma-separated integers, got {exclude_token_ids!r}") from None
+    if wandb:
+        raise UserError("--wandb needs the wandb package and network access; this build logs to metrics.jsonl only")
+    cfg = TrainConfig(
+        store=store, out=out, layers=layers, k=k, expansion_factor=expansion_factor, num_latents=num_latents,
+        multi_topk=multi_topk, batch_size=batch_size, grad_acc_steps=grad_acc_steps, micro_acc_steps=micro_acc_steps,
+        lr=lr, lr_warmup_steps=lr_warmup_steps, auxk_alpha=auxk_alpha, dead_feature_threshold=dead_feature_threshold,
+        max_tokens=max_tokens, epochs=epochs, seed=seed, exclude_first_tokens=exclude_first_tokens,
+        exclude_token_ids=ids, holdout=holdout, shuffle_window=shuffle_window, save_every=save_every, resume=resume,
+        overwrite=overwrite, distribute_layers=distribute_layers, device=device, grad_clip=grad_clip,
+        read_threads=read_threads, progress=progress,
+    )
+    res = run(cfg)
+    if res.heldout_fvu:
+        typer.echo("held-out FVU: " + "  ".join(f"{n} {v:.4f}" for n, v in res.heldout_fvu.items()))
+    typer.echo(f"trained {len(res.layers)} SAE(s), {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s -> {res.out}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `saetrain fit`."),
+    store: Path | None = typer.Option(None, help="Store to evaluate on (default: the run's store)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Held-out FVU of a run's SAEs on the chunks the run held out."""
+    from sae_core import Sae, UserError
+    from sae_core.store import ActivationStore
+
+    from .evaluate import heldout_fvu
+
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} is not a saetrain run (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    if not cfg["holdout_chunks"]:
+        raise UserError(f"{run_dir} held out no chunks; train with --holdout FRACTION to evaluate")
+    saes = Sae.load_many(run_dir, local=True, layers=cfg["layers"])
+    st = ActivationStore(store or cfg["store"])
+    fvu = heldout_fvu(saes, st, cfg["holdout_chunks"], exclude_first_tokens=cfg["exclude_first_tokens"],
+                      exclude_token_ids=cfg["exclude_token_ids"])
+    typer.echo(json.dumps(fvu, indent=2) if as_json else "\n".join(f"{n}: {v:.4f}" for n, v in fvu.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(app, argv)

@@ -1,0 +1,410 @@
+"""`saetrain fit`: train one TopK SAE per layer from a store (Gao et al. 2024, as EleutherAI's `sae`).
+
+Each layer has its own SAE, Adam optimizer and dead-latent counters; all layers of a process
+see the same batches. Under torchrun, `--distribute-layers` splits the layers between ranks
+(each reads only its own layers); otherwise ranks split the data and average gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sae_core import Sae, SaeConfig, UserError
+from sae_core.models import resolve_device
+from sae_core.store import ActivationStore
+from sae_core.store.manifest import atomic_write
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .evaluate import heldout_fvu
+from .loader import StoreLoader
+from .order import split_holdout
+from .plan import plan_layers
+
+# Settings that define the training trajectory: --resume refuses if any differs.
+RESUME_KEYS = (
+    "store_fingerprint", "layers", "k", "num_latents", "normalize_decoder", "multi_topk", "batch_size",
+    "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "seed",
+    "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world",
+)
+
+
+@dataclass
+class FitResult:
+    out: Path
+    steps: int
+    tokens: int
+    seconds: float
+    heldout_fvu: dict[str, float]
+    layers: list[str]
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
+    x = x.float()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y
+
+
+def default_lr(num_latents: int) -> float:
+    """2e-4 at 2**14 latents, scaled by 1/sqrt(num_latents)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
+    if spec is None:
+        return store.layers
+    if store.layer_ids is not None:
+        from sae_core import parse_layers
+
+        ids = parse_layers(spec, max(store.layer_ids) + 1) if spec != "all" else store.layer_ids
+        missing = [i for i in ids if i not in store.layer_ids]
+        if missing:
+            raise UserError(f"store {store.path} has no layer {missing[0]}; it has layers {store.layer_ids}")
+        return [f"layer_{i}" for i in ids]
+    names = [s.strip() for s in spec.split(",")]
+    for n in names:
+        store.resolve(n)
+    return names
+
+
+class LayerTrainer:
+    """One SAE with its optimizer, dead-latent counters and metrics."""
+
+    def __init__(self, name: str, d_in: int, cfg: TrainConfig, sae_cfg: SaeConfig, lr: float, device, seed: int):
+        self.name = name
+        torch.manual_seed(seed)
+        self.sae = Sae(d_in, sae_cfg, device=device, dtype=torch.float32)
+        self.lr = lr
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, eps=6.25e-10)
+        self.since_fired = torch.zeros(self.sae.num_latents, dtype=torch.long, device=device)
+        self.fired = torch.zeros(self.sae.num_latents, dtype=torch.bool, device=device)
+        self.cfg = cfg
+        self.sums = {"fvu": 0.0, "auxk_loss": 0.0, "multi_topk_fvu": 0.0, "n": 0}
+
+    def dead_mask(self) -> torch.Tensor | None:
+        return self.since_fired > self.cfg.dead_feature_threshold if self.cfg.auxk_alpha > 0 else None
+
+    def backward(self, x: torch.Tensor, weight: float, autocast: bool) -> None:
+        dead = self.dead_mask()
+        for micro in x.chunk(self.cfg.micro_acc_steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = self.sae(micro, dead_mask=dead)
+                loss = out.fvu + self.cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+            (loss * weight * len(micro) / len(x)).backward()
+            self.fired[out.latent_indices.flatten()] = True
+            frac = len(micro) / len(x)
+            self.sums["fvu"] += out.fvu.item() * frac
+            self.sums["auxk_loss"] += out.auxk_loss.item() * frac
+            self.sums["multi_topk_fvu"] += out.multi_topk_fvu.item() * frac
+        self.sums["n"] += 1
+
+    def step(self, step: int, tokens: int, dp: bool) -> dict:
+        sae = self.sae
+        if dp:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+            dist.all_reduce(self.fired.view(torch.uint8), op=dist.ReduceOp.MAX)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        if sae.cfg.normalize_decoder:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        lr = self.lr * min(1.0, (step + 1) / max(self.cfg.lr_warmup_steps, 1))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if sae.cfg.normalize_decoder:
+            sae.set_decoder_norm_to_unit_norm()
+        self.since_fired += tokens
+        self.since_fired[self.fired] = 0
+        self.fired.zero_()
+        n = max(self.sums["n"], 1)
+        metrics = {k: self.sums[k] / n for k in ("fvu", "auxk_loss", "multi_topk_fvu")}
+        if dp:
+            t = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            dist.all_reduce(t)
+            metrics = dict(zip(metrics, (t / dist.get_world_size()).tolist(), strict=True))
+        self.sums = {"fvu": 0.0, "auxk_loss": 0.0, "multi_topk_fvu": 0.0, "n": 0}
+        metrics["dead_fraction"] = (self.since_fired > self.cfg.dead_feature_threshold).float().mean().item()
+        metrics["lr"] = lr
+        return metrics
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "grad_acc_steps", "micro_acc_steps", "epochs", "k"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    if not 0 <= cfg.holdout < 1:
+        raise UserError(f"--holdout must be a fraction in [0, 1), got {cfg.holdout}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("pass either --resume or --overwrite, not both")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
+
+
+def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], world: int) -> dict:
+    dp_world = 1 if cfg.distribute_layers else world
+    if cfg.batch_size % (cfg.grad_acc_steps * dp_world):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be divisible by --grad-acc-steps x data-parallel ranks "
+            f"({cfg.grad_acc_steps} x {dp_world})"
+        )
+    d_in = {n: store.d(n) for n in layers}
+    num_latents = {n: cfg.num_latents or d * cfg.expansion_factor for n, d in d_in.items()}
+    for n, m in num_latents.items():
+        if cfg.k > m:
+            raise UserError(f"--k {cfg.k} is larger than the number of latents of {n} ({m}); lower --k or raise --expansion-factor")
+    train, hold = split_holdout(store.committed_chunks(), cfg.holdout, cfg.seed)
+    if not train:
+        raise UserError(f"store {store.path} has too few committed chunks to hold out {cfg.holdout}; lower --holdout")
+    lrs = {n: cfg.lr or default_lr(m) for n, m in num_latents.items()}
+    return {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "layers": layers,
+        "store_fingerprint": store.meta["data"]["fingerprint"],
+        "store_tokens": store.num_tokens,
+        "d_in": d_in,
+        "num_latents_per_layer": num_latents,
+        "lr": cfg.lr,
+        "lr_per_layer": lrs,
+        "holdout_chunks": hold,
+        "train_chunks": len(train),
+        "world": world,
+        "data_parallel_world": dp_world,
+        "loader_batch": cfg.batch_size // (cfg.grad_acc_steps * dp_world),
+    }
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    t0 = time.perf_counter()
+    _validate(cfg)
+    store = ActivationStore(cfg.store)
+    if store.num_tokens == 0:
+        raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
+    rank, world = _dist()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    layers = select_layers(store, cfg.layers)
+    _check_finite_stats(store, layers)
+    resolved = resolve_config(cfg, store, layers, world)
+    out = Path(cfg.out)
+    state = _prepare_out(cfg, out, resolved, rank)
+
+    dp = world > 1 and not cfg.distribute_layers
+    if cfg.distribute_layers:
+        plan = plan_layers({n: resolved["d_in"][n] * resolved["num_latents_per_layer"][n] for n in layers}, world)
+        mine = plan[rank]
+        if rank == 0:
+            atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
+            print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
+    else:
+        mine = layers
+    sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
+                            num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
+               for n in layers}
+    trainers = {
+        n: LayerTrainer(n, resolved["d_in"][n], cfg, sae_cfg[n], resolved["lr_per_layer"][n], device,
+                        seed=cfg.seed * 100_003 + layers.index(n))
+        for n in mine
+    }
+    if state is not None:
+        folder, _ = ckpt.latest(out)
+        for n, t in trainers.items():
+            t.since_fired = ckpt.load_layer(folder / n, t.sae, t.opt).to(device)
+
+    train_chunks = [c for c in store.committed_chunks() if c not in set(resolved["holdout_chunks"])]
+    loader = StoreLoader(
+        store, list(trainers), train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
+        rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
+        exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
+    )
+    result = _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0)
+    return result
+
+
+def _check_finite_stats(store: ActivationStore, layers: list[str]) -> None:
+    for n in layers:
+        bad = store.stats(n).nonfinite if n in store.manifest.stats else 0
+        if bad:
+            raise UserError(
+                f"store {store.path}: {n} has {bad} tokens with NaN or inf activations; exclude them "
+                "(--exclude-token-ids / --exclude-first-tokens) or re-collect in a wider dtype"
+            )
+
+
+def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict | None:
+    """Create or reopen the run folder; return the checkpoint state when resuming."""
+    state = None
+    if cfg.resume and (out / "config.json").is_file():
+        old = json.loads((out / "config.json").read_text())
+        for key in RESUME_KEYS:
+            if old.get(key) != resolved.get(key):
+                raise UserError(
+                    f"cannot resume {out}: {key} differs (run: {old.get(key)!r}, now: {resolved.get(key)!r}); "
+                    "use the first run's settings or --overwrite"
+                )
+        found = ckpt.latest(out)
+        state = found[1] if found else None
+    _barrier()
+    if rank == 0:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", json.dumps(resolved, indent=2))
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():  # drop lines past the checkpoint we resume from
+            keep_until = state["step"] if state else 0
+            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
+            atomic_write(metrics, "".join(ln + "\n" for ln in lines))
+    _barrier()
+    return state
+
+
+def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0) -> FitResult:
+    from tqdm.auto import tqdm
+
+    loader_batch = resolved["loader_batch"]
+    step = state["step"] if state else 0
+    epoch = state["epoch"] if state else 0
+    offset = state["epoch_tokens"] if state else 0
+    tokens_seen = state["tokens_seen"] if state else 0
+    max_tokens = cfg.max_tokens or math.inf
+    per_epoch = _epoch_tokens(loader, epoch, dp)
+    planned = min(cfg.epochs * per_epoch * (world if dp else 1), max_tokens)
+    bar = tqdm(total=int(planned), initial=tokens_seen, unit="tok", unit_scale=True,
+               disable=not cfg.progress or rank != 0, desc="fit")
+    autocast = device.type == "cuda"
+    metrics_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+    acc = 0
+    step_tokens = 0
+    first = state is None
+    try:
+        while epoch < cfg.epochs and tokens_seen < max_tokens:
+            per_epoch = _epoch_tokens(loader, epoch, dp)
+            for batch in loader.batches(epoch, loader_batch, start=offset, stop=per_epoch):
+                n_local = len(batch.token_index)
+                if first:
+                    for t in trainers.values():
+                        with torch.no_grad():
+                            t.sae.b_dec.copy_(geometric_median(batch.acts[t.name].to(device, torch.float32)))
+                    first = False
+                for t in trainers.values():
+                    t.backward(batch.acts[t.name].to(torch.float32), 1 / cfg.grad_acc_steps, autocast)
+                offset += n_local
+                n_global = n_local * (world if dp else 1)
+                step_tokens += n_global
+                acc += 1
+                last = offset >= per_epoch or tokens_seen + step_tokens >= max_tokens
+                if acc < cfg.grad_acc_steps and not last:
+                    continue
+                lines = []
+                for t in trainers.values():
+                    m = t.step(step, step_tokens, dp)
+                    lines.append({"step": step + 1, "layer": t.name, "tokens": tokens_seen + step_tokens, **m})
+                step += 1
+                tokens_seen += step_tokens
+                bar.update(step_tokens)
+                bar.set_postfix_str(f"FVU {sum(ln['fvu'] for ln in lines) / len(lines):.3f}", refresh=False)
+                acc, step_tokens = 0, 0
+                if not dp or rank == 0:
+                    metrics_file.write("".join(json.dumps(ln) + "\n" for ln in lines))
+                    metrics_file.flush()
+                if cfg.save_every and step % cfg.save_every == 0:
+                    _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, dp)
+                if tokens_seen >= max_tokens:
+                    break
+            if offset >= per_epoch:
+                epoch, offset = epoch + 1, 0
+        _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, dp)
+    finally:
+        metrics_file.close()
+        bar.close()
+    fvu = _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device)
+    return FitResult(out, step, tokens_seen, time.perf_counter() - t0, fvu, list(resolved["layers"]))
+
+
+def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:
+    """Tokens this rank consumes in an epoch; equal on every data-parallel rank (the minimum)."""
+    n = loader.epoch_tokens(epoch)
+    if dp:
+        t = torch.tensor([n])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t)
+    return n
+
+
+def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, dp) -> None:
+    root = ckpt.ckpt_root(out)
+    if not dp or rank == 0:
+        for name, t in trainers.items():
+            ckpt.save_layer(root / f"step_{step}" / name, t.sae, t.opt, t.since_fired)
+            _publish_sae(out / name, t.sae)
+    _barrier()
+    if rank == 0:
+        ckpt.write_state(root, step, {"step": step, "epoch": epoch, "epoch_tokens": offset, "tokens_seen": tokens_seen})
+        ckpt.publish(root, step)
+    _barrier()
+
+
+def _publish_sae(folder: Path, sae: Sae) -> None:
+    """Write layer_L/ through a temporary folder so a reader never sees half an SAE."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_to_disk(tmp)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device) -> dict[str, float]:
+    hold = resolved["holdout_chunks"]
+    mine = {} if (dp and rank != 0) else {n: t.sae for n, t in trainers.items()}
+    fvu = heldout_fvu(mine, store, hold, batch_size=resolved["loader_batch"], device=device,
+                      exclude_first_tokens=cfg.exclude_first_tokens, exclude_token_ids=cfg.exclude_token_ids) if hold else {}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, fvu)
+        fvu = {k: v for g in gathered for k, v in g.items()}
+    fvu = {n: fvu[n] for n in resolved["layers"] if n in fvu}
+    if rank == 0 and fvu:
+        atomic_write(out / "eval.json", json.dumps({"heldout_fvu": fvu, "holdout_chunks": hold}, indent=2))
+    return fvu
