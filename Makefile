@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint clean tiny-debug reproduce-llama3
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/python -m pipelines.run smollm2-demo
 
 test: setup
 	$(BIN)/python -m pytest
@@ -33,3 +33,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Named recipes (see pipelines/presets.py).
+tiny-debug: setup
+	$(BIN)/python -m pipelines.run tiny-debug
+
+# The full recipe behind EleutherAI/sae-llama-3-8b-32x: needs GPUs and Hub access.
+# NPROC GPUs collect data-parallel, then train with the 32 layers spread over them.
+NPROC ?= 8
+reproduce-llama3: setup
+	$(BIN)/torchrun --nproc_per_node $(NPROC) -m pipelines.run llama3-8b-32x

@@ -194,7 +194,7 @@ def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dic
         check_disk_space(out, remaining * layout.shard_tokens * (sum(widths.values()) * itemsize + 4))
         return manifest
     needed = layout.num_tokens * (sum(widths.values()) * itemsize + 4)
-    check_disk_space(out.parent if not out.exists() else out, needed)
+    check_disk_space(out, needed)
     if out.exists():  # --overwrite, checked in _validate; only now, once everything else is valid
         shutil.rmtree(out)
     create_store(out, meta, layout, widths, cfg.codec)

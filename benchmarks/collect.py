@@ -20,11 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from actcache import data
 from actcache.config import CollectConfig
@@ -137,8 +139,6 @@ def run_collect(args, tmp: Path, i: int) -> dict:
     t |= {"total_s": res.seconds, "tokens": res.tokens_written,
           "stored_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
     if i == 0:
-        import zarr
-
         t["fingerprint"] = zarr.open_group(str(out), mode="r").attrs["actcache"]["data"]["fingerprint"]
     shutil.rmtree(out)
     return t
@@ -146,8 +146,6 @@ def run_collect(args, tmp: Path, i: int) -> dict:
 
 def codec_table(acts: dict[str, np.ndarray], layout, args, tmp: Path) -> dict:
     """Each codec on whole shards with the store's array settings; then a chunk-by-chunk read."""
-    import zarr
-
     out = {}
     for codec in CODECS:
         row = {"layers": {}, "write_s": 0.0, "read_s": 0.0, "raw": 0, "stored": 0}
@@ -212,9 +210,7 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
     env = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "model_dtype": str(next(model.parameters()).dtype), "tokens": tokens,
            "batches": len(batches), "shards": layout.num_shards, "shard_tokens": layout.shard_tokens,
-           "chunk_tokens": layout.chunk_tokens}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+           "chunk_tokens": layout.chunk_tokens, **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
     print("  ".join(f"{k}={v}" for k, v in env.items()))
 
     def bare(ids):
@@ -258,12 +254,12 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
             f"{{0-{max(1, n_layers // 2) - 1}}}": list(range(max(1, n_layers // 2))),
             f"{{0-{n_layers - 1}}}": list(range(n_layers)), f"{{{n_layers - 1}}}": [n_layers - 1]}
     times: dict[str, list[float]] = {"bare": [], **{k: [] for k in sets}}
-    for _ in range(args.repeats):
-        times["bare"].append(timed_pass(bare, seqs, batches, device))
-        for label, layers in sets.items():
-            cap = Capture(model, layers=layers)
-            times[label].append(timed_pass(cap, seqs, batches, device))
-            cap.remove()
+    for r in range(args.repeats):  # the order rotates each repeat, so no set always runs first
+        for label in (labels := list(times))[r % len(labels):] + labels[: r % len(labels)]:
+            cap = Capture(model, layers=sets[label]) if label in sets else None
+            times[label].append(timed_pass(cap or bare, seqs, batches, device))
+            if cap:
+                cap.remove()
     base = statistics.median(times["bare"])
     early = {k: {"seconds": statistics.median(v), "relative": statistics.median(v) / base} for k, v in times.items()}
     print(f"\n2. early exit: forward with Capture, relative to a bare full pass ({base:.2f}s)")
@@ -283,9 +279,8 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
     codecs = codec_table(acts, layout, args, tmp)
     # The writer also computes RunningStats per layer shard on the same thread pool: its cost per MB.
     x = torch.from_numpy(acts[cap.names[-1]].view(np.int16)).view(torch.bfloat16)
-    t0 = time.perf_counter()
-    RunningStats.of(x.float().numpy())
-    stats_mb_s = x.numel() * 2 / MB / (time.perf_counter() - t0)
+    stats_s = timeit.repeat(lambda: RunningStats.of(x.float().numpy()), number=1, repeat=args.repeats)
+    stats_mb_s = x.numel() * 2 / MB / statistics.median(stats_s)
     print(f"\n3. codecs: layers {args.codec_layers}, {tokens} tokens each, whole shards through zarr "
           f"(write = compress + write to page cache, no fsync; read = chunk by chunk, page cache warm)")
     print(f"  {'codec':11s} {'B/tok/layer':>11s} {'ratio':>6s} " + " ".join(f"{n[6:]:>5s}" for n in acts)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import SaeConfig
 from .decode import decode
+from .encode import selected_encode
 from .errors import UserError
 
 
@@ -115,8 +116,11 @@ class Sae(nn.Module):
         self._check_input(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.d_in).to(self.dtype)
-        pre_acts = self.pre_acts(x)
-        top_acts, top_indices = self.select_topk(pre_acts)
+        sae_in = x - self.b_dec
+        # Dense pre-activations without autograd: only the selected entries get gradients.
+        with torch.no_grad():
+            pre_acts = nn.functional.relu(nn.functional.linear(sae_in, self.encoder.weight, self.encoder.bias))
+        top_acts, top_indices = self._selected(sae_in, pre_acts, self.cfg.k)
         sae_out = self.decode(top_acts, top_indices)
         residual = x - sae_out
 
@@ -126,18 +130,19 @@ class Sae(nn.Module):
 
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if num_dead > 0:
-            k_aux = max(self.d_in // 2, 1)  # d_in = 1 would otherwise divide by zero below
+            k_aux = max(self.d_in // 2, 1)
             scale = min(num_dead / k_aux, 1.0)
             auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
-            auxk_acts, auxk_indices = self.select_topk(auxk_pre, min(k_aux, num_dead))
-            residual_hat = self._decode_sparse(auxk_acts, auxk_indices)
+            aux_idx = auxk_pre.topk(min(k_aux, num_dead), dim=-1, sorted=False).indices
+            auxk_acts = selected_encode(sae_in, self.encoder.weight, self.encoder.bias, aux_idx, pre_acts.gather(-1, aux_idx))
+            residual_hat = self._decode_sparse(auxk_acts, aux_idx)
             auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_tensor(0.0)
 
         if self.cfg.multi_topk:
             multi_k = min(4 * self.cfg.k, self.num_latents)
-            multi_out = self.decode(*self.select_topk(pre_acts, multi_k))
+            multi_out = self.decode(*self._selected(sae_in, pre_acts, multi_k))
             multi_topk_fvu = (multi_out - x).pow(2).sum() / total_variance
         else:
             multi_topk_fvu = fvu.new_tensor(0.0)
@@ -150,6 +155,12 @@ class Sae(nn.Module):
             auxk_loss,
             multi_topk_fvu,
         )
+
+    def _selected(self, sae_in: Tensor, pre_acts: Tensor, k: int) -> EncoderOutput:
+        """Top-k of the (no-grad) pre-activations, re-attached to autograd with sparse gradients."""
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+        acts = selected_encode(sae_in, self.encoder.weight, self.encoder.bias, indices, values)
+        return EncoderOutput(acts, indices)
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:

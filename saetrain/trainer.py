@@ -85,7 +85,10 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     if store.layer_ids is not None:
         from sae_core import parse_layers
 
-        ids = parse_layers(spec, max(store.layer_ids) + 1) if spec != "all" else store.layer_ids
+        if spec.strip().lower().startswith(("all", "*")):
+            ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
+        else:
+            ids = parse_layers(spec, 1 << 20)
         missing = [i for i in ids if i not in store.layer_ids]
         if missing:
             raise UserError(f"store {store.path} has no layer {missing[0]}; it has layers {store.layer_ids}")

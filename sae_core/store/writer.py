@@ -116,7 +116,10 @@ def consolidate_manifests(path: Path) -> Manifest:
 
 
 def check_disk_space(path: Path, needed: int) -> None:
-    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    existing = path
+    while not existing.exists():  # the store (and maybe its parents) will be created
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise UserError(
             f"not enough disk for {path}: the run needs about {needed / 1e9:.2f} GB "

@@ -1,0 +1,152 @@
+"""saetrain on a tiny store: the loader's order, training, evaluation and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from actcache import CollectConfig, collect
+from sae_core import Sae, UserError
+from sae_core.store import ActivationStore
+from saetrain import TrainConfig, fit
+from saetrain.cli import main
+from saetrain.loader import StoreLoader
+from tests.conftest import TINY_TEXT
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, tiny_model_dir):
+    data = tmp_path_factory.mktemp("fitdata")
+    for i in range(6):
+        (data / f"d{i}.txt").write_text("".join(TINY_TEXT[(i + j) % 4] for j in range(4)))
+    out = tmp_path_factory.mktemp("fitstore") / "s.zarr"
+    collect(CollectConfig(out=out, model=str(tiny_model_dir), dataset=str(data), ctx_len=32, batch_size=4,
+                          seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False))
+    return out
+
+
+def cfg(store, out, **kw):
+    base = dict(store=store, out=out, layers="1,2", k=4, expansion_factor=4, batch_size=64, lr_warmup_steps=5,
+                device="cpu", progress=False, save_every=0, shuffle_window=4)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_every_kept_token_once_per_epoch(store_path):
+    store = ActivationStore(store_path)
+    chunks = store.committed_chunks()[3:]
+    loader = StoreLoader(store, ["layer_1"], chunks, seed=5, window=3, exclude_first_tokens=2, exclude_token_ids=[256])
+    tokens = store.tokens().numpy()
+    expected = [t for c in chunks for t in store.layout.chunk_tokens_range(c)
+                if t % 32 >= 2 and tokens[t] != 256]
+    orders = []
+    for epoch in range(2):
+        seen = torch.cat([b.token_index for b in loader.batches(epoch, 50)]).tolist()
+        assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    assert any(abs(a - b) > 32 * 8 for a, b in zip(orders[0], orders[0][1:], strict=False))  # mixed across chunks
+
+
+def test_loader_batches_hold_the_stored_rows_and_resume_exactly(store_path):
+    store = ActivationStore(store_path)
+    loader = StoreLoader(store, ["layer_1", "layer_2"], store.committed_chunks(), seed=1, window=4)
+    full = list(loader.batches(0, 48))
+    for b in full[:3]:
+        for name in ("layer_1", "layer_2"):
+            rows = torch.stack([store.read(name, int(i), int(i) + 1)[0] for i in b.token_index])
+            assert torch.equal(b.acts[name], rows)
+    # Resuming at a token offset continues with exactly the same batches.
+    resumed = list(loader.batches(0, 48, start=48 * 5))
+    assert len(resumed) == len(full) - 5
+    for a, b in zip(full[5:], resumed, strict=True):
+        assert torch.equal(a.token_index, b.token_index) and torch.equal(a.acts["layer_2"], b.acts["layer_2"])
+
+
+def test_training_lowers_fvu_and_saved_saes_reproduce_it(store_path, tmp_path):
+    res = fit(cfg(store_path, tmp_path / "run", epochs=3, holdout=0.1))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {ln["layer"] for ln in lines} == {"layer_1", "layer_2"}
+    for layer in ("layer_1", "layer_2"):
+        fvus = [ln["fvu"] for ln in lines if ln["layer"] == layer]
+        # A random 4x SAE with k=4 of 64 latents explains little; training must bring FVU well down.
+        assert np.mean(fvus[-5:]) < 0.5 * np.mean(fvus[:3]), (layer, fvus[:3], fvus[-5:])
+        assert res.heldout_fvu[layer] < 0.5
+    saes = Sae.load_many(tmp_path / "run", local=True)
+    assert list(saes) == ["layer_1", "layer_2"]
+    assert saes["layer_1"].cfg.k == 4 and saes["layer_1"].num_latents == 64
+    from saetrain.evaluate import heldout_fvu
+
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    again = heldout_fvu(saes, ActivationStore(store_path), config["holdout_chunks"])
+    for layer, v in res.heldout_fvu.items():
+        assert again[layer] == pytest.approx(v, rel=1e-6)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["heldout_fvu"] == res.heldout_fvu
+    assert config["holdout_chunks"] and config["lr_per_layer"]["layer_1"] == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
+
+
+def test_auxk_is_active_only_with_dead_latents(store_path, tmp_path):
+    # A small threshold makes latents count as dead quickly; AuxK then contributes to the loss.
+    # (That AuxK keeps the dead fraction low is checked on real SmolLM2 activations in test_fit_smollm2.)
+    dead = {}
+    for alpha in (0.0, 1 / 32):
+        out = tmp_path / f"a{alpha}"
+        fit(cfg(store_path, out, layers="2", epochs=3, dead_feature_threshold=256, expansion_factor=8, auxk_alpha=alpha))
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(ln["auxk_loss"] > 0 for ln in lines) == (alpha > 0)
+        dead[alpha] = [ln["dead_fraction"] for ln in lines]
+        assert dead[alpha][0] == 0.0 and 0 < max(dead[alpha]) <= 1
+    fit(cfg(store_path, tmp_path / "none", layers="2", epochs=1))  # default threshold: 10M tokens
+    lines = [json.loads(x) for x in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
+    assert all(ln["dead_fraction"] == 0 and ln["auxk_loss"] == 0 for ln in lines)
+
+
+def test_nan_activations_are_refused(tmp_path, tiny_model_dir, tiny_text_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nanmodel")
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "nanmodel")
+    shutil.copy(tiny_model_dir / "tokenizer_config.json", tmp_path / "nanmodel")
+    out = tmp_path / "nan.zarr"
+    collect(CollectConfig(out=out, model=str(tmp_path / "nanmodel"), dataset=str(tiny_text_dir), ctx_len=32,
+                          layers="1,2", dtype="float32", device="cpu", progress=False))
+    with pytest.raises(UserError, match=r"layer_2 has \d+ tokens with NaN or inf"):
+        fit(cfg(out, tmp_path / "r"))
+    fit(cfg(out, tmp_path / "r1", layers="1"))  # layer 1 is clean
+    store = ActivationStore(out)
+    with pytest.raises(UserError, match=r"layer_2 has NaN or inf activations .* first at token \d+, sequence \d+"):
+        next(StoreLoader(store, ["layer_2"], store.committed_chunks(), seed=0).batches(0, 16))
+
+
+def err(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *map(str, argv), "--device", "cpu", "--no-progress"])
+    text = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and text.startswith("error: ") and len(text.splitlines()) == 1, text
+    return text
+
+
+def test_bad_inputs(capsys, store_path, tmp_path):
+    out = tmp_path / "run"
+    assert "does not exist" in err(capsys, "--store", tmp_path / "none.zarr", "--out", out)
+    assert "has no layer 7; it has layers [0, 1, 2, 3]" in err(capsys, "--store", store_path, "--out", out, "--layers", "7")
+    assert "--k 300 is larger than the number of latents of layer_0 (64)" in err(
+        capsys, "--store", store_path, "--out", out, "--k", 300, "--expansion-factor", 4)
+    assert "--batch-size must be at least 1, got 0" in err(capsys, "--store", store_path, "--out", out, "--batch-size", 0)
+    assert "--exclude-token-ids must be comma-separated integers" in err(
+        capsys, "--store", store_path, "--out", out, "--exclude-token-ids", "a,b")
+    # A store with nothing committed.
+    empty = tmp_path / "empty.zarr"
+    shutil.copytree(store_path, empty)
+    (empty / "manifest.json").unlink()
+    assert "has no committed tokens" in err(capsys, "--store", empty, "--out", out)
+    # An existing run needs --resume or --overwrite.
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert "already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)

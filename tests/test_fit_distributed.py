@@ -1,0 +1,275 @@
+"""`saetrain fit` across processes: SIGKILL + --resume, torchrun --distribute-layers, data parallel.
+
+Every run is a real subprocess (`python -m saetrain fit` or `torchrun`, gloo on CPU) with one
+thread each; runs that do not depend on each other are started together to share the 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actcache import CollectConfig, collect
+from sae_core import Sae
+from saetrain.order import epoch_windows, split_holdout
+from tests.conftest import TINY_TEXT
+from tests.fit_fixtures import (
+    HOLDOUT,
+    SEED,
+    Job,
+    fit_argv,
+    latest_step,
+    max_metrics_step,
+    metrics,
+    saetrain,
+    steps_per_epoch,
+    torchrun,
+    train_chunk_tokens,
+)
+
+ATOL = 1e-5
+LAYERS = ["layer_0", "layer_1", "layer_2"]
+REF12_ARGS = ("--layers", "1,2", "--save-every", "5", "--epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir) -> Path:
+    """~6.4k tokens of layers 0-3 (fp32) in 32-token chunks: ~200 chunks, ~90 steps of 64 per epoch."""
+    text = tmp_path_factory.mktemp("fitdist_text")
+    for i, t in enumerate(TINY_TEXT):
+        (text / f"doc{i}.txt").write_text(t * 6)
+    out = tmp_path_factory.mktemp("fitdist_store") / "s.zarr"
+    collect(CollectConfig(out=out, model=str(tiny_model_dir), dataset=str(text), ctx_len=32, batch_size=16,
+                          seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fitdist_runs")
+
+
+@pytest.fixture(scope="module")
+def ref12(store, runs) -> Job:
+    """Uninterrupted training of layers 1,2 for two epochs, a checkpoint every 5 steps. Started, not awaited."""
+    return Job(saetrain(store, runs / "ref12", *REF12_ARGS), runs / "logs" / "ref12")
+
+
+@pytest.fixture(scope="module")
+def single3(store, runs) -> Job:
+    """Single-process training of layers 0-2 (one epoch): the reference for tests 2 and 3. Started, not awaited."""
+    return Job(saetrain(store, runs / "single3", "--layers", "0-2", "--save-every", "20"), runs / "logs" / "single3")
+
+
+@pytest.fixture(scope="module")
+def dp_run(store, runs, single3) -> tuple[Job, Path]:
+    """torchrun data parallel, 2 ranks, same settings as single3, each rank dumping what it trained."""
+    argv = fit_argv(store, runs / "dp", "--layers", "0-2", "--save-every", "20")
+    job = Job(torchrun(2, "tests.fit_fixtures", argv), runs / "logs" / "dp", FIT_DUMP=str(runs / "dp_dump"))
+    return job.ok(), runs / "dp_dump"
+
+
+def assert_same_saes(got: Path, want: Path, layers: list[str]) -> None:
+    a = Sae.load_many(got, local=True, layers=layers)
+    b = Sae.load_many(want, local=True, layers=layers)
+    assert list(a) == list(b) == layers
+    for n in layers:
+        sa, sb = a[n].state_dict(), b[n].state_dict()
+        assert sa.keys() == sb.keys()
+        for p in sa:
+            torch.testing.assert_close(sa[p], sb[p], atol=ATOL, rtol=1e-5, msg=lambda m, n=n, p=p: f"{n}.{p}: {m}")
+
+
+def by_step_layer(out: Path) -> dict[tuple[int, str], dict]:
+    lines = metrics(out)
+    keyed = {(ln["step"], ln["layer"]): ln for ln in lines}
+    assert len(keyed) == len(lines), f"{out}/metrics.jsonl repeats a (step, layer)"
+    return keyed
+
+
+def assert_same_metrics(got: Path, want: Path) -> None:
+    a, b = by_step_layer(got), by_step_layer(want)
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key]["tokens"] == b[key]["tokens"], key
+        assert a[key]["lr"] == pytest.approx(b[key]["lr"], rel=1e-9), key
+        assert a[key]["fvu"] == pytest.approx(b[key]["fvu"], abs=ATOL), key
+
+
+def heldout(out: Path) -> dict[str, float]:
+    return json.loads((out / "eval.json").read_text())["heldout_fvu"]
+
+
+# --------------------------------------------------------------------------------- 1. SIGKILL + --resume
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(store, runs, ref12):
+    args = REF12_ARGS
+    ref, ref_out, out = ref12, runs / "ref12", runs / "killed12"
+    victim = Job(saetrain(store, out, *args), runs / "logs" / "victim")
+
+    _, tokens = train_chunk_tokens(store)
+    per_epoch = steps_per_epoch(tokens)
+    total = 2 * per_epoch
+    # Kill in the second epoch, past a window boundary, with ~per_epoch - 10 steps (seconds) to spare:
+    # the checkpoint then holds epoch 1 and a token offset inside it, not just a fresh epoch.
+    kill_at = per_epoch + 10
+    deadline = time.monotonic() + 180
+    while True:
+        assert victim.proc.poll() is None, f"run ended (rc {victim.proc.returncode}) before the kill:\n{victim.stderr[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint past step {kill_at} within 180 s"
+        step = latest_step(out)
+        # Wait until metrics.jsonl runs past the checkpoint, so resuming must also drop lines.
+        if step is not None and step >= kill_at and max_metrics_step(out) > step:
+            break
+        time.sleep(0.02)
+    victim.proc.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before SIGKILL landed"
+    killed_at = latest_step(out)
+    assert kill_at <= killed_at < total and not (out / "eval.json").exists()
+
+    resumed = Job(saetrain(store, out, *args, "--resume"), runs / "logs" / "resumed").ok()
+    ref.ok()
+    assert f"{total} steps" in resumed.stdout and f"{total} steps" in ref.stdout, (resumed.stdout, ref.stdout)
+    assert latest_step(out) == latest_step(ref_out) == total
+
+    assert_same_saes(out, ref_out, ["layer_1", "layer_2"])
+    assert_same_metrics(out, ref_out)
+    assert {s for s, _ in by_step_layer(out)} == set(range(1, total + 1))
+    fvu, ref_fvu = heldout(out), heldout(ref_out)
+    assert fvu.keys() == ref_fvu.keys() == {"layer_1", "layer_2"}
+    for n in fvu:
+        assert fvu[n] == pytest.approx(ref_fvu[n], abs=ATOL), n
+    print(f"killed at checkpoint {killed_at}/{total}; ref {ref.seconds:.0f}s, resume {resumed.seconds:.0f}s")
+
+
+# ------------------------------------------------------------------- 4. --resume refuses other settings
+@pytest.mark.slow
+def test_resume_refuses_different_settings(store, runs, ref12):
+    src = runs / "ref12"
+    ref12.ok()
+    out = runs / "refuse"
+    shutil.copytree(src, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    job = Job(saetrain(store, out, *REF12_ARGS, "--resume", "--k", "8"),
+              runs / "logs" / "refuse")
+    assert job.wait() == 2, job.stderr
+    lines = job.stderr.strip().splitlines()
+    assert len(lines) == 1, job.stderr
+    assert lines[0].startswith("error: cannot resume") and "k differs" in lines[0], lines[0]
+    assert "8" in lines[0] and "4" in lines[0]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before, "a refused --resume must leave the run folder untouched"
+
+
+# ------------------------------------------------------------------------ 2. torchrun --distribute-layers
+@pytest.mark.slow
+def test_distribute_layers_over_two_ranks_equals_single_process(store, runs, single3):
+    out = runs / "dist3"
+    job = Job(torchrun(2, "saetrain", fit_argv(store, out, "--layers", "0-2", "--save-every", "20",
+                                               "--distribute-layers")), runs / "logs" / "dist3").ok()
+    single3.ok()
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert sorted(plan) == ["rank0", "rank1"]
+    mine = [set(plan["rank0"]), set(plan["rank1"])]
+    assert mine[0] and mine[1] and not mine[0] & mine[1], plan  # 3 layers on 2 ranks: nobody idle, no overlap
+    assert mine[0] | mine[1] == set(LAYERS), plan
+    assert job.stdout.count("layer plan:") == 1, job.stdout
+
+    assert_same_saes(out, runs / "single3", LAYERS)
+    # Both ranks append to metrics.jsonl: every layer, every step, once, as in the single process.
+    assert {ln["layer"] for ln in metrics(out)} == set(LAYERS)
+    assert_same_metrics(out, runs / "single3")
+    fvu, ref = heldout(out), heldout(runs / "single3")
+    assert list(fvu) == list(ref) == LAYERS
+    for n in LAYERS:
+        assert fvu[n] == pytest.approx(ref[n], abs=ATOL), n
+    print(f"distribute-layers {job.seconds:.0f}s, single process {single3.seconds:.0f}s")
+
+
+# ---------------------------------------------------------------------------- 3. torchrun data parallel
+def test_data_parallel_ranks_read_disjoint_parts_of_the_order(store):
+    from sae_core.store import ActivationStore
+
+    chunks = ActivationStore(store).committed_chunks()
+    train, hold = split_holdout(chunks, HOLDOUT, SEED)
+    for window in (1, 7, 64):
+        for epoch in range(3):
+            ranks = [[c for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window, rank=r, world=2) for c in w]
+                     for r in range(2)]
+            assert not set(ranks[0]) & set(ranks[1])
+            assert sorted(ranks[0] + ranks[1]) == sorted(train) and not set(ranks[0] + ranks[1]) & set(hold)
+            assert abs(len(ranks[0]) - len(ranks[1])) <= 1
+            for r in range(2):
+                assert all(1 <= len(w) <= window for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window,
+                                                                         rank=r, world=2))
+            # The two ranks together visit what one process visits, only dealt out.
+            single = [c for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window) for c in w]
+            assert ranks[0] == single[0::2] and ranks[1] == single[1::2]
+
+
+@pytest.mark.slow
+def test_data_parallel_converges_like_single_process(store, runs, single3, dp_run):
+    job, dump = dp_run
+    single3.ok()
+    out, ref = runs / "dp", runs / "single3"
+    dp_fvu, sp_fvu = heldout(out), heldout(ref)
+    assert list(dp_fvu) == list(sp_fvu) == LAYERS
+    # Both runs take the same optimizer steps (64 tokens each, summed over ranks), the same LR schedule
+    # and the same training tokens; only the order the tokens are visited in differs. So the held-out
+    # FVU must be the same up to SGD noise. The single-process run ends near 0.03-0.06 FVU and reruns
+    # with other data orders move it by less than 0.01, while broken data parallelism (gradients summed
+    # not averaged, one rank's data only, no sync at all) shows up as a clearly worse FVU; an absolute
+    # margin of 0.03 together with "< 0.2" (untrained is ~1) separates the two. A relative margin is
+    # not used: at FVU ~0.03 a 15% band (0.005) is below the order-to-order noise.
+    for n in LAYERS:
+        assert dp_fvu[n] < 0.2, (n, dp_fvu, sp_fvu)
+        assert abs(dp_fvu[n] - sp_fvu[n]) < 0.03, (n, dp_fvu, sp_fvu)
+
+    # Rank 0 alone writes metrics: one line per (step, layer), as many steps as one process takes.
+    dp_lines, sp_lines = by_step_layer(out), by_step_layer(ref)
+    assert sorted({s for s, _ in dp_lines}) == sorted({s for s, _ in sp_lines})
+    assert {ln for _, ln in dp_lines} == set(LAYERS)
+    last = max(s for s, _ in sp_lines)
+    assert dp_lines[last, "layer_0"]["tokens"] == sp_lines[last, "layer_0"]["tokens"]
+    assert not (out / "plan.json").exists()
+
+    # What rank 0 trained is what it published.
+    rank0 = load_file(str(dump / "rank0.safetensors"))
+    saes = Sae.load_many(out, local=True, layers=LAYERS)
+    for n in LAYERS:
+        for p, v in saes[n].state_dict().items():
+            torch.testing.assert_close(rank0[f"{n}/{p}"], v, atol=0, rtol=0)
+    print(f"data parallel {job.seconds:.0f}s; held-out FVU dp {dp_fvu} single {sp_fvu}")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "trainer.py _train: b_dec is set to the geometric median of each rank's OWN first batch and never "
+    "synchronised, so data-parallel replicas keep different b_dec for the whole run"))
+def test_data_parallel_replicas_stay_identical(dp_run):
+    _, dump = dp_run
+    r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        torch.testing.assert_close(r1[k], r0[k], atol=0, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "trainer.py _train: an idle rank under --distribute-layers (more ranks than layers) has no trainers, "
+    "and the progress-bar line divides by len(lines) == 0 (ZeroDivisionError)"))
+def test_distribute_layers_with_an_idle_rank(store, runs):
+    out = runs / "idle"
+    job = Job(torchrun(2, "saetrain", fit_argv(store, out, "--layers", "0", "--distribute-layers",
+                                               "--max-tokens", "128")), runs / "logs" / "idle")
+    assert job.wait() == 0, job.stderr[-1500:]
+    assert json.loads((out / "plan.json").read_text()) == {"rank0": ["layer_0"], "rank1": []}
+    assert list(heldout(out)) == ["layer_0"]
