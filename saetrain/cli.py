@@ -67,8 +67,6 @@ def fit(
         ids = [int(x) for x in exclude_token_ids.split(",") if x.strip()] if exclude_token_ids else []
     except ValueError:
         raise UserError(f"--exclude-token-ids must be comma-separated integers, got {exclude_token_ids!r}") from None
-    if wandb:
-        raise UserError("--wandb needs the wandb package and network access; this build logs to metrics.jsonl only")
     cfg = TrainConfig(
         store=store, out=out, layers=layers, k=k, expansion_factor=expansion_factor, num_latents=num_latents,
         multi_topk=multi_topk, batch_size=batch_size, grad_acc_steps=grad_acc_steps, micro_acc_steps=micro_acc_steps,
@@ -76,7 +74,7 @@ def fit(
         max_tokens=max_tokens, epochs=epochs, seed=seed, exclude_first_tokens=exclude_first_tokens,
         exclude_token_ids=ids, holdout=holdout, shuffle_window=shuffle_window, save_every=save_every, resume=resume,
         overwrite=overwrite, distribute_layers=distribute_layers, device=device, grad_clip=grad_clip,
-        read_threads=read_threads, progress=progress,
+        read_threads=read_threads, wandb=wandb, progress=progress,
     )
     res = run(cfg)
     if res.heldout_fvu:

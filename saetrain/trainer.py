@@ -313,6 +313,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     bar = tqdm(total=int(planned), initial=tokens_seen, unit="tok", unit_scale=True,
                disable=not cfg.progress or rank != 0, desc="fit")
     autocast = device.type == "cuda"
+    wandb_run = _wandb(cfg, resolved, out) if rank == 0 else None
     metrics_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
     acc = 0
     step_tokens = 0
@@ -348,6 +349,9 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                 if not dp or rank == 0:
                     metrics_file.write("".join(json.dumps(ln) + "\n" for ln in lines))
                     metrics_file.flush()
+                if wandb_run is not None:
+                    wandb_run.log({f"{ln['layer']}/{k}": v for ln in lines for k, v in ln.items() if k not in ("step", "layer")},
+                                  step=step)
                 if cfg.save_every and step % cfg.save_every == 0:
                     _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, dp)
                 if tokens_seen >= max_tokens:
@@ -358,8 +362,21 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     finally:
         metrics_file.close()
         bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
     fvu = _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device)
     return FitResult(out, step, tokens_seen, time.perf_counter() - t0, fvu, list(resolved["layers"]))
+
+
+def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
+    """Optional Weights & Biases logging; metrics.jsonl is always written."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+    return wandb.init(project=cfg.wandb, name=out.name, config=resolved, dir=str(out))
 
 
 def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:

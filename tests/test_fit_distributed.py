@@ -37,6 +37,7 @@ from tests.fit_fixtures import (
 ATOL = 1e-5
 LAYERS = ["layer_0", "layer_1", "layer_2"]
 REF12_ARGS = ("--layers", "1,2", "--save-every", "5", "--epochs", "2")
+SINGLE3_ARGS = ("--layers", "0-2", "--save-every", "20")
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +53,68 @@ def store(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fitdist_runs")
+def runs(tmp_path_factory):
+    """The run folders; at the end, kill whatever a failed test left running."""
+    root = tmp_path_factory.mktemp("fitdist_runs")
+    jobs: list[Job] = []
+    yield root, jobs
+    for job in jobs:
+        job.kill()
 
 
+def _start(runs, name: str, cmd: list[str], **env: str) -> Job:
+    root, jobs = runs
+    jobs.append(Job(cmd, root / "logs" / name, **env))
+    return jobs[-1]
+
+
+# Each job fixture starts its run and returns at once; a test waits with .ok().
 @pytest.fixture(scope="module")
 def ref12(store, runs) -> Job:
-    """Uninterrupted training of layers 1,2 for two epochs, a checkpoint every 5 steps. Started, not awaited."""
-    return Job(saetrain(store, runs / "ref12", *REF12_ARGS), runs / "logs" / "ref12")
+    """Uninterrupted training of layers 1,2 for two epochs, a checkpoint every 5 steps."""
+    return _start(runs, "ref12", saetrain(store, runs[0] / "ref12", *REF12_ARGS))
 
 
 @pytest.fixture(scope="module")
 def single3(store, runs) -> Job:
-    """Single-process training of layers 0-2 (one epoch): the reference for tests 2 and 3. Started, not awaited."""
-    return Job(saetrain(store, runs / "single3", "--layers", "0-2", "--save-every", "20"), runs / "logs" / "single3")
+    """Single-process training of layers 0-2 for one epoch: the reference of tests 2 and 3."""
+    return _start(runs, "single3", saetrain(store, runs[0] / "single3", *SINGLE3_ARGS))
 
 
 @pytest.fixture(scope="module")
-def dp_run(store, runs, single3) -> tuple[Job, Path]:
-    """torchrun data parallel, 2 ranks, same settings as single3, each rank dumping what it trained."""
-    argv = fit_argv(store, runs / "dp", "--layers", "0-2", "--save-every", "20")
-    job = Job(torchrun(2, "tests.fit_fixtures", argv), runs / "logs" / "dp", FIT_DUMP=str(runs / "dp_dump"))
-    return job.ok(), runs / "dp_dump"
+def dist3(store, runs) -> Job:
+    """The same as single3 under torchrun --distribute-layers, 2 ranks."""
+    argv = fit_argv(store, runs[0] / "dist3", *SINGLE3_ARGS, "--distribute-layers")
+    return _start(runs, "dist3", torchrun(2, "saetrain", argv))
+
+
+@pytest.fixture(scope="module")
+def dp2(store, runs) -> Job:
+    """Layers 0-1 as in single3 under torchrun data parallel, 2 ranks, each dumping what it trained.
+
+    (Each layer's SAE depends only on the data, the seed and its index in --layers, so single3's
+    layer_0 and layer_1 are exactly what one process would train with --layers 0-1.)
+    """
+    argv = fit_argv(store, runs[0] / "dp2", "--layers", "0-1", "--save-every", "20")
+    return _start(runs, "dp2", torchrun(2, "tests.fit_fixtures", argv), FIT_DUMP=str(runs[0] / "dp2_dump"))
+
+
+@pytest.fixture(scope="module")
+def idle(store, runs) -> Job:
+    argv = fit_argv(store, runs[0] / "idle", "--layers", "0", "--distribute-layers", "--max-tokens", "128")
+    return _start(runs, "idle", torchrun(2, "saetrain", argv))
+
+
+JOBS = ("ref12", "single3", "dist3", "dp2", "idle")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prestart(request):
+    """Start the runs the selected tests of this module need all at once: they overlap on the 2 cores."""
+    here = [it for it in request.session.items if it.module is request.module]
+    for name in JOBS:
+        if any(name in it.fixturenames for it in here):
+            request.getfixturevalue(name)
 
 
 def assert_same_saes(got: Path, want: Path, layers: list[str]) -> None:
