@@ -47,7 +47,7 @@ def collect(
     chunk_mb: float = typer.Option(2.0, help=_doc["chunk_mb"]),
     seqs_per_shard: int | None = typer.Option(None, help=_doc["seqs_per_shard"]),
     chunk_tokens: int | None = typer.Option(None, help=_doc["chunk_tokens"]),
-    write_threads: int = typer.Option(2, help=_doc["write_threads"]),
+    write_threads: int = typer.Option(0, help=_doc["write_threads"]),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc["progress"]),
 ) -> None:
     """Run the model over the data once and write the requested layers into a store."""

@@ -62,7 +62,9 @@ def _barrier() -> None:
 def _validate(cfg: CollectConfig) -> None:
     check_dtype(cfg.dtype)
     compressors(cfg.codec)
-    for name in ("ctx_len", "batch_size", "write_threads"):
+    if cfg.write_threads < 0:
+        raise UserError(f"--write-threads must be >= 0 (0 = auto), got {cfg.write_threads}")
+    for name in ("ctx_len", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
@@ -166,7 +168,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
     mine = todo[rank::world]
     writer = ShardWriter(
         out, layout=layout, dtype=cfg.dtype, rank=None if world == 1 else rank,
-        manifest=manifest if world == 1 else Manifest(), num_threads=cfg.write_threads,
+        manifest=manifest if world == 1 else Manifest(),
+        num_threads=cfg.write_threads or (min(8, os.cpu_count() or 2) if device.type == "cuda" else 2),
     )
     written = _run(cfg, capture, writer, seqs, layout, mine, device, rank)
     capture.remove()
@@ -217,14 +220,20 @@ def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, 
 
     writer.on_commit = on_commit
     done = 0
+    pool: list[dict[str, torch.Tensor]] = []
     try:
-        for shard in shards:
+        for n, shard in enumerate(shards):
             seq_range = layout.shard_sequences(shard)
             rows = len(seq_range) * cfg.ctx_len
-            buffers = {
-                name: torch.empty((rows, arr.shape[1]), dtype=storage, pin_memory=pin)
-                for name, arr in writer.arrays.items()
-            }
+            # Cycle through max_pending + 1 buffer sets: when set i is refilled, the shard that
+            # used it last has been committed (the writer lets at most max_pending be in flight).
+            if len(pool) <= writer.max_pending:
+                pool.append({
+                    name: torch.empty((layout.shard_tokens, arr.shape[1]), dtype=storage, pin_memory=pin)
+                    for name, arr in writer.arrays.items()
+                })
+            slot = pool[n % len(pool)]
+            buffers = {name: buf[:rows] for name, buf in slot.items()}
             # Batches never cross a shard boundary, so a resumed run sees exactly the same batches.
             for b0 in range(seq_range.start, seq_range.stop, cfg.batch_size):
                 b1 = min(b0 + cfg.batch_size, seq_range.stop)

@@ -16,7 +16,7 @@ def heldout_fvu(
     exclude_first_tokens: int = 0, exclude_token_ids: list[int] | None = None, device="cpu",
 ) -> dict[str, float]:
     """FVU over all held-out tokens: sum of squared errors / sum of squared deviations from their mean."""
-    if not chunks:
+    if not chunks or not saes:
         return {}
     loader = StoreLoader(
         store, list(saes), chunks, seed=0, window=len(chunks), exclude_first_tokens=exclude_first_tokens,

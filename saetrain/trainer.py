@@ -293,10 +293,18 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict
         metrics = out / "metrics.jsonl"
         if metrics.exists():  # drop lines past the checkpoint we resume from
             keep_until = state["step"] if state else 0
-            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
+            lines = [ln for ln in metrics.read_text().splitlines() if _step_of(ln) <= keep_until]
             atomic_write(metrics, "".join(ln + "\n" for ln in lines))
     _barrier()
     return state
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn or empty line (power loss) sorts past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0) -> FitResult:
@@ -327,6 +335,8 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                     for t in trainers.values():
                         with torch.no_grad():
                             t.sae.b_dec.copy_(geometric_median(batch.acts[t.name].to(device, torch.float32)))
+                            if dp:  # every replica starts from rank 0's median
+                                dist.broadcast(t.sae.b_dec.data, src=0)
                     first = False
                 for t in trainers.values():
                     t.backward(batch.acts[t.name].to(torch.float32), 1 / cfg.grad_acc_steps, autocast)
@@ -344,7 +354,8 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                 step += 1
                 tokens_seen += step_tokens
                 bar.update(step_tokens)
-                bar.set_postfix_str(f"FVU {sum(ln['fvu'] for ln in lines) / len(lines):.3f}", refresh=False)
+                if lines:  # an idle rank (more ranks than layers) has none
+                    bar.set_postfix_str(f"FVU {sum(ln['fvu'] for ln in lines) / len(lines):.3f}", refresh=False)
                 acc, step_tokens = 0, 0
                 if not dp or rank == 0:
                     metrics_file.write("".join(json.dumps(ln) + "\n" for ln in lines))

@@ -69,12 +69,22 @@ class Job:
                                      stderr=self._err, start_new_session=True)
         self.seconds: float | None = None
 
-    def wait(self, timeout: float = 240) -> int:
+    def kill(self) -> None:
+        """SIGKILL the process and its children (its own session, started by us), if still running."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._out.close()
+        self._err.close()
+
+    def wait(self, timeout: float = 600) -> int:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own session: the process and its children
-            self.proc.wait()
+            self.kill()
             raise AssertionError(f"timed out after {timeout}s: {' '.join(self.cmd)}\n{self.stderr[-3000:]}") from None
         finally:
             self._out.close()
@@ -83,7 +93,7 @@ class Job:
             self.seconds = time.perf_counter() - self.t0
         return rc
 
-    def ok(self, timeout: float = 240) -> Job:
+    def ok(self, timeout: float = 600) -> Job:
         rc = self.wait(timeout)
         assert rc == 0, f"exit {rc}: {' '.join(self.cmd)}\n{self.stderr[-3000:]}"
         return self

@@ -37,6 +37,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 CTX = 32
 LAYERS = (0, 2, 3)
 COPIES = 3  # TINY_TEXT three times: 99 sequences of 32 -> 50 shards of 2 sequences (the last: 1)
+SHARDS = 50
 # One thread everywhere, so every run (subprocess, torchrun rank, in-process) computes alike.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN_TIMEOUT = 300
@@ -80,9 +81,9 @@ def ref(tmp_path_factory, argv) -> Reference:
     """An uninterrupted single-process run."""
     out = tmp_path_factory.mktemp("crash_ref") / "ref.zarr"
     res = run_to_end(python_cmd(argv(out)), out.with_suffix(".log"))
-    assert f"({50 * 64 - 32:,} committed" in res
+    assert f"({(2 * SHARDS - 1) * CTX:,} committed" in res
     store = ActivationStore(out)
-    assert store.complete and store.layout.num_shards == 50
+    assert store.complete and store.layout.num_shards == SHARDS
     n = store.layout.num_tokens
     return Reference(out, store, store.tokens(), {layer: store.read(layer, 0, n) for layer in LAYERS})
 
@@ -262,7 +263,7 @@ def assert_same_as_reference(out: Path, ref: Reference) -> None:
     assert store.complete
     assert [p.name for p in manifest_files(out)] == ["manifest.json"], "per-rank manifests remain"
     assert store.meta == ref.store.meta
-    assert store.committed_shards == ref.store.committed_shards == list(range(50))
+    assert store.committed_shards == ref.store.committed_shards == list(range(SHARDS))
     for s, rec in ref.store.manifest.shards.items():
         got = store.manifest.shards[s]
         assert got.tokens == rec.tokens, s
@@ -339,7 +340,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, argv, ref):
     out = tmp_path / "ddp.zarr"
     text = run_to_end(torchrun_cmd(argv(out)), tmp_path / "ddp.log")
     # Rank 0 takes every other missing shard and reports what it wrote and what all committed.
-    rank0 = shard_tokens(ref.store, range(0, 50, 2))
+    rank0 = shard_tokens(ref.store, range(0, SHARDS, 2))
     assert f"wrote {rank0:,} tokens" in text and f"({ref.store.num_tokens:,} committed" in text, text
     assert_same_as_reference(out, ref)
 

@@ -151,22 +151,23 @@ def heldout(out: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------------- 1. SIGKILL + --resume
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(store, runs, ref12):
-    args = REF12_ARGS
-    ref, ref_out, out = ref12, runs / "ref12", runs / "killed12"
-    victim = Job(saetrain(store, out, *args), runs / "logs" / "victim")
+    root = runs[0]
+    ref_out, out = root / "ref12", root / "killed12"
+    victim = _start(runs, "victim", saetrain(store, out, *REF12_ARGS))
 
     _, tokens = train_chunk_tokens(store)
     per_epoch = steps_per_epoch(tokens)
     total = 2 * per_epoch
-    # Kill in the second epoch, past a window boundary, with ~per_epoch - 10 steps (seconds) to spare:
-    # the checkpoint then holds epoch 1 and a token offset inside it, not just a fresh epoch.
+    # Kill in the second epoch, with ~per_epoch - 10 steps to spare (each step also slows down
+    # when the machine is busy, so the margin holds whatever the load): the checkpoint then holds
+    # epoch 1 and a token offset inside it (after a window boundary), not just a fresh epoch.
     kill_at = per_epoch + 10
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while True:
         assert victim.proc.poll() is None, f"run ended (rc {victim.proc.returncode}) before the kill:\n{victim.stderr[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint past step {kill_at} within 180 s"
+        assert time.monotonic() < deadline, f"no checkpoint at step {kill_at} or later within 300 s"
         step = latest_step(out)
-        # Wait until metrics.jsonl runs past the checkpoint, so resuming must also drop lines.
+        # Also wait until metrics.jsonl runs past the checkpoint, so resuming has lines to drop.
         if step is not None and step >= kill_at and max_metrics_step(out) > step:
             break
         time.sleep(0.02)
@@ -174,10 +175,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(store, runs, ref12):
     assert victim.wait() == -signal.SIGKILL, "the run finished before SIGKILL landed"
     killed_at = latest_step(out)
     assert kill_at <= killed_at < total and not (out / "eval.json").exists()
+    assert (out / "metrics.jsonl").exists() and max_metrics_step(out) < total
 
-    resumed = Job(saetrain(store, out, *args, "--resume"), runs / "logs" / "resumed").ok()
-    ref.ok()
-    assert f"{total} steps" in resumed.stdout and f"{total} steps" in ref.stdout, (resumed.stdout, ref.stdout)
+    resumed = _start(runs, "resumed", saetrain(store, out, *REF12_ARGS, "--resume")).ok()
+    ref12.ok()
+    assert f"{total} steps" in resumed.stdout and f"{total} steps" in ref12.stdout, (resumed.stdout, ref12.stdout)
     assert latest_step(out) == latest_step(ref_out) == total
 
     assert_same_saes(out, ref_out, ["layer_1", "layer_2"])
@@ -187,52 +189,49 @@ def test_sigkill_then_resume_equals_uninterrupted_run(store, runs, ref12):
     assert fvu.keys() == ref_fvu.keys() == {"layer_1", "layer_2"}
     for n in fvu:
         assert fvu[n] == pytest.approx(ref_fvu[n], abs=ATOL), n
-    print(f"killed at checkpoint {killed_at}/{total}; ref {ref.seconds:.0f}s, resume {resumed.seconds:.0f}s")
+    print(f"killed at checkpoint {killed_at}/{total}; ref {ref12.seconds:.0f}s, resume {resumed.seconds:.0f}s")
 
 
 # ------------------------------------------------------------------- 4. --resume refuses other settings
 @pytest.mark.slow
 def test_resume_refuses_different_settings(store, runs, ref12):
-    src = runs / "ref12"
     ref12.ok()
-    out = runs / "refuse"
-    shutil.copytree(src, out)
+    out = runs[0] / "refuse"
+    shutil.copytree(runs[0] / "ref12", out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    job = Job(saetrain(store, out, *REF12_ARGS, "--resume", "--k", "8"),
-              runs / "logs" / "refuse")
+    job = _start(runs, "refuse", saetrain(store, out, *REF12_ARGS, "--resume", "--k", "8"))
     assert job.wait() == 2, job.stderr
     lines = job.stderr.strip().splitlines()
     assert len(lines) == 1, job.stderr
     assert lines[0].startswith("error: cannot resume") and "k differs" in lines[0], lines[0]
-    assert "8" in lines[0] and "4" in lines[0]
+    assert "run: 4" in lines[0] and "now: 8" in lines[0], lines[0]
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before, "a refused --resume must leave the run folder untouched"
 
 
 # ------------------------------------------------------------------------ 2. torchrun --distribute-layers
 @pytest.mark.slow
-def test_distribute_layers_over_two_ranks_equals_single_process(store, runs, single3):
-    out = runs / "dist3"
-    job = Job(torchrun(2, "saetrain", fit_argv(store, out, "--layers", "0-2", "--save-every", "20",
-                                               "--distribute-layers")), runs / "logs" / "dist3").ok()
+def test_distribute_layers_over_two_ranks_equals_single_process(runs, dist3, single3):
+    dist3.ok()
     single3.ok()
+    out, ref = runs[0] / "dist3", runs[0] / "single3"
 
     plan = json.loads((out / "plan.json").read_text())
     assert sorted(plan) == ["rank0", "rank1"]
     mine = [set(plan["rank0"]), set(plan["rank1"])]
     assert mine[0] and mine[1] and not mine[0] & mine[1], plan  # 3 layers on 2 ranks: nobody idle, no overlap
     assert mine[0] | mine[1] == set(LAYERS), plan
-    assert job.stdout.count("layer plan:") == 1, job.stdout
+    assert dist3.stdout.count("layer plan:") == 1, dist3.stdout
 
-    assert_same_saes(out, runs / "single3", LAYERS)
+    assert_same_saes(out, ref, LAYERS)
     # Both ranks append to metrics.jsonl: every layer, every step, once, as in the single process.
     assert {ln["layer"] for ln in metrics(out)} == set(LAYERS)
-    assert_same_metrics(out, runs / "single3")
-    fvu, ref = heldout(out), heldout(runs / "single3")
-    assert list(fvu) == list(ref) == LAYERS
+    assert_same_metrics(out, ref)
+    fvu, ref_fvu = heldout(out), heldout(ref)
+    assert list(fvu) == list(ref_fvu) == LAYERS
     for n in LAYERS:
-        assert fvu[n] == pytest.approx(ref[n], abs=ATOL), n
-    print(f"distribute-layers {job.seconds:.0f}s, single process {single3.seconds:.0f}s")
+        assert fvu[n] == pytest.approx(ref_fvu[n], abs=ATOL), n
+    print(f"distribute-layers {dist3.seconds:.0f}s, single process {single3.seconds:.0f}s")
 
 
 # ---------------------------------------------------------------------------- 3. torchrun data parallel
@@ -243,60 +242,56 @@ def test_data_parallel_ranks_read_disjoint_parts_of_the_order(store):
     train, hold = split_holdout(chunks, HOLDOUT, SEED)
     for window in (1, 7, 64):
         for epoch in range(3):
-            ranks = [[c for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window, rank=r, world=2) for c in w]
-                     for r in range(2)]
+            wins = [epoch_windows(train, seed=SEED, epoch=epoch, window=window, rank=r, world=2) for r in range(2)]
+            ranks = [[c for w in ws for c in w] for ws in wins]
             assert not set(ranks[0]) & set(ranks[1])
             assert sorted(ranks[0] + ranks[1]) == sorted(train) and not set(ranks[0] + ranks[1]) & set(hold)
             assert abs(len(ranks[0]) - len(ranks[1])) <= 1
-            for r in range(2):
-                assert all(1 <= len(w) <= window for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window,
-                                                                         rank=r, world=2))
-            # The two ranks together visit what one process visits, only dealt out.
+            assert all(1 <= len(w) <= window for ws in wins for w in ws)
+            # The two ranks together visit what one process visits, dealt out in turn.
             single = [c for w in epoch_windows(train, seed=SEED, epoch=epoch, window=window) for c in w]
             assert ranks[0] == single[0::2] and ranks[1] == single[1::2]
 
 
 @pytest.mark.slow
-def test_data_parallel_converges_like_single_process(store, runs, single3, dp_run):
-    job, dump = dp_run
+def test_data_parallel_converges_like_single_process(runs, dp2, single3):
+    dp2.ok()
     single3.ok()
-    out, ref = runs / "dp", runs / "single3"
+    out, ref, dump = runs[0] / "dp2", runs[0] / "single3", runs[0] / "dp2_dump"
     dp_fvu, sp_fvu = heldout(out), heldout(ref)
-    assert list(dp_fvu) == list(sp_fvu) == LAYERS
-    # Both runs take the same optimizer steps (64 tokens each, summed over ranks), the same LR schedule
-    # and the same training tokens; only the order the tokens are visited in differs. So the held-out
-    # FVU must be the same up to SGD noise. The single-process run ends near 0.03-0.06 FVU and reruns
-    # with other data orders move it by less than 0.01, while broken data parallelism (gradients summed
-    # not averaged, one rank's data only, no sync at all) shows up as a clearly worse FVU; an absolute
-    # margin of 0.03 together with "< 0.2" (untrained is ~1) separates the two. A relative margin is
-    # not used: at FVU ~0.03 a 15% band (0.005) is below the order-to-order noise.
-    for n in LAYERS:
-        assert dp_fvu[n] < 0.2, (n, dp_fvu, sp_fvu)
-        assert abs(dp_fvu[n] - sp_fvu[n]) < 0.03, (n, dp_fvu, sp_fvu)
+    assert list(dp_fvu) == ["layer_0", "layer_1"]
+    # Both runs take the same optimizer steps (64 tokens each, summed over ranks) with the same LR
+    # schedule over the same training tokens; only the order the tokens come in differs. The held-out
+    # FVU after this one short epoch is ~0.06-0.12 and differs between data orders: over seeds 1-4,
+    # |data parallel - single process| was at most 0.02, i.e. up to ~20% relative (so a 15% relative
+    # band would be flaky). An absolute margin of 0.05 passes that noise with room, and "< 0.25"
+    # (an untrained SAE is at ~1) catches runs that do not learn. Exact replica sync is a separate test.
+    for n in dp_fvu:
+        assert dp_fvu[n] < 0.25, (n, dp_fvu, sp_fvu)
+        assert abs(dp_fvu[n] - sp_fvu[n]) < 0.05, (n, dp_fvu, sp_fvu)
 
-    # Rank 0 alone writes metrics: one line per (step, layer), as many steps as one process takes.
+    # Rank 0 alone writes metrics: one line per (step, layer), as many steps and tokens as one process.
     dp_lines, sp_lines = by_step_layer(out), by_step_layer(ref)
     assert sorted({s for s, _ in dp_lines}) == sorted({s for s, _ in sp_lines})
-    assert {ln for _, ln in dp_lines} == set(LAYERS)
+    assert {ln for _, ln in dp_lines} == {"layer_0", "layer_1"}
     last = max(s for s, _ in sp_lines)
     assert dp_lines[last, "layer_0"]["tokens"] == sp_lines[last, "layer_0"]["tokens"]
     assert not (out / "plan.json").exists()
 
     # What rank 0 trained is what it published.
     rank0 = load_file(str(dump / "rank0.safetensors"))
-    saes = Sae.load_many(out, local=True, layers=LAYERS)
-    for n in LAYERS:
-        for p, v in saes[n].state_dict().items():
+    saes = Sae.load_many(out, local=True)
+    assert list(saes) == ["layer_0", "layer_1"]
+    for n, sae in saes.items():
+        for p, v in sae.state_dict().items():
             torch.testing.assert_close(rank0[f"{n}/{p}"], v, atol=0, rtol=0)
-    print(f"data parallel {job.seconds:.0f}s; held-out FVU dp {dp_fvu} single {sp_fvu}")
+    print(f"data parallel {dp2.seconds:.0f}s; held-out FVU dp {dp_fvu} single {sp_fvu}")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer.py _train: b_dec is set to the geometric median of each rank's OWN first batch and never "
-    "synchronised, so data-parallel replicas keep different b_dec for the whole run"))
-def test_data_parallel_replicas_stay_identical(dp_run):
-    _, dump = dp_run
+def test_data_parallel_replicas_stay_identical(runs, dp2):
+    dp2.ok()
+    dump = runs[0] / "dp2_dump"
     r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     assert r0.keys() == r1.keys()
     for k in r0:
@@ -304,13 +299,8 @@ def test_data_parallel_replicas_stay_identical(dp_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer.py _train: an idle rank under --distribute-layers (more ranks than layers) has no trainers, "
-    "and the progress-bar line divides by len(lines) == 0 (ZeroDivisionError)"))
-def test_distribute_layers_with_an_idle_rank(store, runs):
-    out = runs / "idle"
-    job = Job(torchrun(2, "saetrain", fit_argv(store, out, "--layers", "0", "--distribute-layers",
-                                               "--max-tokens", "128")), runs / "logs" / "idle")
-    assert job.wait() == 0, job.stderr[-1500:]
+def test_distribute_layers_with_an_idle_rank(runs, idle):
+    idle.ok()
+    out = runs[0] / "idle"
     assert json.loads((out / "plan.json").read_text()) == {"rank0": ["layer_0"], "rank1": []}
     assert list(heldout(out)) == ["layer_0"]

@@ -40,17 +40,25 @@ class RunningStats:
             self.norm_hist = np.zeros(len(NORM_BINS) + 1, dtype=np.int64)
 
     @classmethod
-    def of(cls, x: np.ndarray) -> RunningStats:
-        """Statistics of a `(tokens, d)` block (any float dtype)."""
-        x = np.asarray(x, dtype=np.float64)
-        finite = np.isfinite(x).all(axis=1)
+    def of(cls, x) -> RunningStats:
+        """Statistics of a `(tokens, d)` block (a torch tensor or numpy array of any float dtype).
+
+        Computed in fp32 (torch's pairwise sums) around the block's own mean, so there is no
+        cancellation; blocks are merged in fp64.
+        """
+        import torch
+
+        x = torch.as_tensor(x).float()
+        finite = torch.isfinite(x.sum(dim=1))  # a NaN or inf anywhere in a row makes its sum non-finite
         s = cls(x.shape[1], nonfinite=int((~finite).sum()))
-        x = x[finite]
+        if not bool(finite.all()):
+            x = x[finite]
         if len(x):
             s.count = len(x)
-            s.mean = x.mean(0)
-            s.m2 = ((x - s.mean) ** 2).sum(0)
-            norms = np.sqrt((x * x).sum(1))
+            mean = x.mean(0)
+            s.mean = mean.double().numpy()
+            s.m2 = (x - mean).square_().sum(0).double().numpy()
+            norms = torch.linalg.vector_norm(x, dim=1).numpy()
             s.norm_hist = np.bincount(np.searchsorted(NORM_BINS, norms), minlength=len(NORM_BINS) + 1)
             s.norm_max = float(norms.max())
         return s

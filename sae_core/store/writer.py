@@ -157,6 +157,7 @@ class ShardWriter:
         self.arrays = {name: group[array_path(name)] for name in group.attrs[ATTRS_KEY]["arrays"]}
         self.tokens = group["tokens"]
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="actcache-write")
+        self.max_pending = max_pending
         self.slots = threading.Semaphore(max_pending)
         self.commits: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -210,7 +211,7 @@ class ShardWriter:
             ready()
         data = to_storage(x, self.dtype)
         self.arrays[name][rows.start : rows.stop] = data
-        stats = RunningStats.of(x.float().numpy())
+        stats = RunningStats.of(x)
         return self._checksum(array_path(name), shard, 2), stats
 
     def _write_tokens(self, shard: int, rows: range, tokens: np.ndarray) -> tuple:
