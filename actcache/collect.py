@@ -24,6 +24,7 @@ from sae_core.store.writer import (
     check_resumable,
     consolidate_manifests,
     create_store,
+    lock_store,
 )
 
 from . import data
@@ -159,8 +160,17 @@ def collect(cfg: CollectConfig) -> CollectResult:
         "tool": {"name": "actcache", "version": _tool_version(), "torch": torch.__version__},
     }
     out = Path(cfg.out)
+    lock = None
     if rank == 0:
-        manifest = _open_for_write(cfg, out, meta, layout, widths, itemsize)
+        manifest, lock = _open_for_write(cfg, out, meta, layout, widths, itemsize)
+    try:
+        return _collect_shards(cfg, out, layout, manifest if rank == 0 else None, capture, seqs, device, rank, world, t0)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, world, t0) -> CollectResult:
     _barrier()
     if rank != 0:
         manifest = _read_committed(out)
@@ -188,20 +198,25 @@ def _read_committed(out: Path) -> Manifest:
     return read_manifests(out)
 
 
-def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int) -> Manifest:
-    """Create, replace or reopen the store; return what is already committed."""
+def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int):
+    """Create, replace or reopen the store; return what is already committed and the writer lock."""
     if out.exists() and cfg.resume:
-        check_resumable(out, meta, layout)
-        manifest = consolidate_manifests(out)
-        remaining = layout.num_shards - len(manifest.shards)
-        check_disk_space(out, remaining * layout.shard_tokens * (sum(widths.values()) * itemsize + 4))
-        return manifest
+        lock = lock_store(out)
+        try:
+            check_resumable(out, meta, layout)
+            manifest = consolidate_manifests(out)
+            remaining = layout.num_shards - len(manifest.shards)
+            check_disk_space(out, remaining * layout.shard_tokens * (sum(widths.values()) * itemsize + 4))
+        except BaseException:
+            lock.close()
+            raise
+        return manifest, lock
     needed = layout.num_tokens * (sum(widths.values()) * itemsize + 4)
     check_disk_space(out, needed)
     if out.exists():  # --overwrite, checked in _validate; only now, once everything else is valid
         shutil.rmtree(out)
     create_store(out, meta, layout, widths, cfg.codec)
-    return Manifest()
+    return Manifest(), lock_store(out)
 
 
 def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, shards, device, rank) -> int:

@@ -399,12 +399,6 @@ def test_disk_full_mid_run_then_resume(tmp_path, argv, ref, monkeypatch, capsys)
     assert_same_as_reference(out, ref)
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="writer.py: zarr reads an existing shard file before replacing it, so a torn "
-    "uncommitted shard file (crash mid-write) makes --resume fail on its checksum",
-)
 def test_resume_over_torn_uncommitted_shard_file(tmp_path, argv, ref, monkeypatch, capsys):
     out = tmp_path / "torn.zarr"
     fill_disk_after(monkeypatch, 3)

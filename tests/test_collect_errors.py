@@ -160,3 +160,13 @@ def test_console_script_error_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: model path /no/such does not exist; check the path or pass a Hub id like org/name"
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_one_writer_at_a_time(capsys, base, store):
+    from sae_core.store.writer import lock_store
+
+    held = lock_store(store)
+    try:
+        assert "another `actcache collect` is writing" in cli(capsys, *base, "--layers", "0,2", "--resume")
+    finally:
+        held.close()

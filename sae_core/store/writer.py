@@ -115,6 +115,19 @@ def consolidate_manifests(path: Path) -> Manifest:
     return merged
 
 
+def lock_store(path: Path):
+    """Hold an exclusive lock on the store for this process's lifetime: one collection at a time."""
+    import fcntl
+
+    f = open(path / ".writer.lock", "a")  # noqa: SIM115 - kept open while the process writes
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"another `actcache collect` is writing {path}; wait for it to finish or stop it") from None
+    return f
+
+
 def check_disk_space(path: Path, needed: int) -> None:
     existing = path
     while not existing.exists():  # the store (and maybe its parents) will be created
@@ -210,11 +223,15 @@ class ShardWriter:
         if ready is not None:
             ready()
         data = to_storage(x, self.dtype)
+        # The shard is written whole: drop a leftover (maybe torn) file of an uncommitted shard
+        # first, or zarr would try to read and merge it.
+        (self.path / shard_file(array_path(name), shard, 2)).unlink(missing_ok=True)
         self.arrays[name][rows.start : rows.stop] = data
         stats = RunningStats.of(x)
         return self._checksum(array_path(name), shard, 2), stats
 
     def _write_tokens(self, shard: int, rows: range, tokens: np.ndarray) -> tuple:
+        (self.path / shard_file("tokens", shard, 1)).unlink(missing_ok=True)
         self.tokens[rows.start : rows.stop] = tokens.astype(np.int32, copy=False)
         return self._checksum("tokens", shard, 1), None
 
