@@ -1,0 +1,248 @@
+"""Triton kernels for the three sparse primitives of `sae_core.ops`, same signatures and semantics.
+
+With `indices` `(N, k)` selecting rows of a `(L, d)` matrix `W`:
+
+- `triton_gather_sum(indices, weights, W) -> (N, d)` in `W.dtype`:
+  `y[n] = sum_j weights[n, j] * W[indices[n, j]]`. One program per (block of tokens, block of
+  `d`); it loops over the k selections, loading one `(tokens, d)` tile of gathered rows each.
+- `triton_gather_dot(indices, W, rows) -> (N, k)` in `W.dtype`:
+  `out[n, j] = W[indices[n, j]] . rows[n]`. One program per (token, block of k); it loops over
+  `d` in blocks. No `(N, k, d)` tensor is formed.
+- `triton_scatter_rows(indices, weights, rows, num_latents) -> (num_latents, d)` in `weights.dtype`:
+  `out[l] = sum over (n, j) with indices[n, j] == l of weights[n, j] * rows[n]`. No atomics: the
+  flattened indices are sorted on the device (stable sort, so the result is deterministic), the
+  segment of each latent in that order is found with `searchsorted` (CSR offsets, the same as
+  `cumsum(bincount)` but without the host sync CUDA's `bincount` makes), and one program per
+  (latent, block of `d`) sums its segment and writes its output row once; latents no token
+  selected get zeros.
+
+All kernels accumulate in fp32 (fp64 when the output dtype is fp64, so `gradcheck` can run);
+inputs may be fp16, bf16, fp32 or fp64 and need not share a dtype (each is cast on load). Other
+dtypes fall back to the torch reference. They use only plain loads/stores, `tl.arange`,
+`tl.zeros` and `tl.sum` (no `tl.dot`, no autotuning), so they run unchanged under the CPU
+interpreter (`TRITON_INTERPRET=1`, set before triton is imported) and on any CUDA GPU Triton
+supports; block sizes are fixed module constants, which tests may patch to force several blocks.
+
+Limits: indices are not range-checked (the torch reference raises on an out-of-range index;
+here an index outside `[0, L)` reads out of bounds in the gathers and is ignored by
+`triton_scatter_rows`), and the outputs carry no autograd graph (the callers in `decode.py` and
+`encode.py` are `autograd.Function`s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import ops
+
+# Whether the kernels below were built for the CPU interpreter (triton reads the variable when
+# `triton.jit` decorates them, i.e. when this module is imported).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Fixed tile sizes (no autotuning: it cannot run in the interpreter and these kernels are
+# bandwidth-bound gathers whose tiles only need to be wide enough to coalesce). The wrappers read
+# them at call time; powers of two.
+GATHER_BLOCK_N = 16  # tokens per gather_sum program
+MAX_BLOCK_D = 256  # widest slice of d per gather_sum / scatter_rows program
+DOT_BLOCK_K = 32  # selections per gather_dot program
+DOT_BLOCK_D = 128  # d step of gather_dot's loop
+SCATTER_BLOCK_S = 16  # segment entries summed per scatter_rows iteration
+NUM_WARPS = 4
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _gather_sum_kernel(
+    idx_ptr, w_ptr, W_ptr, out_ptr, N, K, D, stride_W, stride_out,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    for j in range(0, K):
+        idx = tl.load(idx_ptr + offs_n * K + j, mask=mask_n, other=0).to(tl.int64)
+        w = tl.load(w_ptr + offs_n * K + j, mask=mask_n, other=0).to(ACC)
+        rows = tl.load(W_ptr + idx[:, None] * stride_W + offs_d[None, :], mask=mask, other=0)
+        acc += w[:, None] * rows.to(ACC)
+    out = out_ptr + offs_n[:, None] * stride_out + offs_d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_dot_kernel(
+    idx_ptr, W_ptr, rows_ptr, out_ptr, K, D, stride_W, stride_rows,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    idx = tl.load(idx_ptr + n * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        r = tl.load(rows_ptr + n * stride_rows + offs_d, mask=mask_d, other=0).to(ACC)
+        Wt = tl.load(
+            W_ptr + idx[:, None] * stride_W + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0,
+        ).to(ACC)
+        acc += Wt * r[None, :]
+    tl.store(out_ptr + n * K + offs_k, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    seg_ptr, tok_ptr, w_ptr, rows_ptr, out_ptr, D, stride_rows, stride_out,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    latent = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    start = tl.load(seg_ptr + latent)
+    end = tl.load(seg_ptr + latent + 1)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC)
+    for s0 in range(start, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < end
+        tok = tl.load(tok_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)
+        w = tl.load(w_ptr + offs_s, mask=mask_s, other=0).to(ACC)
+        r = tl.load(
+            rows_ptr + tok[:, None] * stride_rows + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :],
+            other=0,
+        ).to(ACC)
+        acc += w[:, None] * r
+    out = out_ptr + latent * stride_out + offs_d
+    tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------- wrappers
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    """`t` with unit stride along its last dimension (a view when it already has one)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _supported(*tensors: Tensor) -> bool:
+    """Whether the kernels can run on these tensors (else the wrappers use the torch reference)."""
+    return all(t.dtype in _FLOAT_DTYPES for t in tensors)
+
+
+def _check_device(*tensors: Tensor) -> None:
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton to run them in the interpreter, or use SAE_CORE_KERNELS=torch"
+        )
+
+
+def _on(device: torch.device):
+    """Launch on `device` (triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_indices(indices: Tensor, weights: Tensor | None = None) -> None:
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be (tokens, k), got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the shape of indices {tuple(indices.shape)}")
+
+
+def triton_gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
+    """`y[n] = sum_j weights[n, j] * W[indices[n, j]]`, `(N, d)` in `W.dtype`."""
+    _check_indices(indices, weights)
+    if W.dim() != 2:
+        raise ValueError(f"W must be (num_latents, d), got shape {tuple(W.shape)}")
+    if not _supported(weights, W):  # e.g. fp8 or integer W: not worth a kernel
+        return ops.torch_gather_sum(indices, weights, W)
+    _check_device(indices, weights, W)
+    N, K = indices.shape
+    D = W.shape[1]
+    if N == 0 or D == 0 or K == 0:
+        return torch.zeros(N, D, dtype=W.dtype, device=W.device)
+    indices, weights, W = indices.contiguous(), weights.contiguous(), _rowmajor(W)
+    out = torch.empty(N, D, dtype=W.dtype, device=W.device)
+    block_n, block_d = GATHER_BLOCK_N, _block(D, MAX_BLOCK_D)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    with _on(W.device):
+        _gather_sum_kernel[grid](
+            indices, weights, W, out, N, K, D, W.stride(0), out.stride(0),
+            ACC=_acc(W.dtype), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def triton_gather_dot(indices: Tensor, W: Tensor, rows: Tensor) -> Tensor:
+    """`out[n, j] = W[indices[n, j]] . rows[n]`, `(N, k)` in `W.dtype`."""
+    _check_indices(indices)
+    N, K = indices.shape
+    if W.dim() != 2 or rows.dim() != 2 or rows.shape != (N, W.shape[1]):
+        raise ValueError(f"W {tuple(W.shape)} and rows {tuple(rows.shape)} must be (L, d) and (tokens={N}, d)")
+    if not _supported(W, rows):
+        return ops.torch_gather_dot(indices, W, rows)
+    _check_device(indices, W, rows)
+    D = W.shape[1]
+    if N == 0 or K == 0 or D == 0:
+        return torch.zeros(N, K, dtype=W.dtype, device=W.device)
+    indices, W, rows = indices.contiguous(), _rowmajor(W), _rowmajor(rows)
+    out = torch.empty(N, K, dtype=W.dtype, device=W.device)
+    block_k, block_d = _block(K, DOT_BLOCK_K), _block(D, DOT_BLOCK_D)
+    grid = (N, triton.cdiv(K, block_k))
+    with _on(W.device):
+        _gather_dot_kernel[grid](
+            indices, W, rows, out, K, D, W.stride(0), rows.stride(0),
+            ACC=_acc(W.dtype), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def triton_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: int) -> Tensor:
+    """`out[l] = sum over (n, j) with indices[n, j] == l of weights[n, j] * rows[n]`, in `weights.dtype`."""
+    _check_indices(indices, weights)
+    N, K = indices.shape
+    if rows.dim() != 2 or rows.shape[0] != N:
+        raise ValueError(f"rows must be (tokens={N}, d), got shape {tuple(rows.shape)}")
+    if not _supported(weights, rows):
+        return ops.torch_scatter_rows(indices, weights, rows, num_latents)
+    _check_device(indices, weights, rows)
+    D = rows.shape[1]
+    out = torch.empty(num_latents, D, dtype=weights.dtype, device=rows.device)
+    if N == 0 or K == 0 or D == 0 or num_latents == 0:
+        return out.zero_()
+    rows = _rowmajor(rows)
+    # CSR by latent: entry s of the sorted order is (latent sorted_idx[s], token tokens[s]).
+    sorted_idx, order = torch.sort(indices.reshape(-1), stable=True)
+    tokens = torch.div(order, K, rounding_mode="floor")
+    w_sorted = weights.reshape(-1)[order]
+    bounds = torch.arange(num_latents + 1, device=indices.device, dtype=sorted_idx.dtype)
+    segments = torch.searchsorted(sorted_idx, bounds)  # latent l owns [segments[l], segments[l + 1])
+    block_d = _block(D, MAX_BLOCK_D)
+    grid = (num_latents, triton.cdiv(D, block_d))
+    with _on(rows.device):
+        _scatter_rows_kernel[grid](
+            segments, tokens, w_sorted, rows, out, D, rows.stride(0), out.stride(0),
+            ACC=_acc(weights.dtype), BLOCK_S=SCATTER_BLOCK_S, BLOCK_D=block_d, num_warps=NUM_WARPS,
+        )
+    return out

@@ -1,0 +1,282 @@
+"""Checks of the Triton kernels (`sae_core.kernels`), run by `tests/test_kernels.py` in a subprocess.
+
+Triton builds its CPU interpreter only when `TRITON_INTERPRET=1` is set before it is imported,
+which a pytest process that has already imported triton cannot arrange; so this file is not
+collected by a plain `pytest` run (its name does not match `test_*.py`) and is run as
+`TRITON_INTERPRET=1 python -m pytest tests/kernels_interpret.py` (CPU, the interpreter), or
+`python -m pytest tests/kernels_interpret.py` on a CUDA machine (the compiled kernels).
+Shapes are tiny: the interpreter runs every program in Python (about 10 ms each).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("needs TRITON_INTERPRET=1 (set before triton imports) or a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from sae_core import Sae, SaeConfig, kernels, ops  # noqa: E402
+from sae_core.decode import decode  # noqa: E402
+from sae_core.encode import selected_encode  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+assert kernels.INTERPRET == INTERPRET
+
+# Tolerances against an fp64 reference computed from the same (rounded) inputs: the kernels
+# accumulate in fp32 (fp64 for fp64) and round once on the store.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=4e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16]
+
+# (tokens N, k, latents L, d, indices drawn from range(high)): d not a power of two (24, 100, 300 >
+# MAX_BLOCK_D so two d blocks), k = 1, N not a multiple of the token block, latents above `high`
+# selected by no token, small `high` for indices repeated across tokens and within a token.
+SHAPES = [
+    (1, 1, 4, 24, 4),
+    (37, 3, 32, 100, 16),
+    (40, 5, 8, 24, 8),
+    (20, 4, 24, 300, 18),
+    (17, 1, 20, 7, 20),
+]
+
+
+def make(N, k, L, d, high, dtype, seed=0, weights_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(high, (N, k), generator=g)
+    if k >= 2:
+        idx[0, :] = idx[0, 0]  # the same latent in every slot of one token
+        idx[-1, 1] = idx[-1, 0]
+    w = torch.randn(N, k, generator=g)
+    W = torch.randn(L, d, generator=g)
+    rows = torch.randn(N, d, generator=g)
+    wdt = weights_dtype or dtype
+    return idx.to(DEVICE), w.to(DEVICE, wdt), W.to(DEVICE, dtype), rows.to(DEVICE, dtype)
+
+
+def dense_codes(idx, w, L):
+    """The dense `(N, L)` code matrix in fp64 (repeated indices summed)."""
+    return torch.zeros(idx.shape[0], L, dtype=torch.float64, device=idx.device).scatter_add_(1, idx, w.double())
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+def same(actual, expected):
+    """Two implementations in the same fp32/fp64 dtype: both rounded, in different orders."""
+    tol = 1e-12 if actual.dtype == torch.float64 else 3e-5
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of calls into each kernel wrapper (patched where `ops` looks them up)."""
+    counts = {"gather_sum": 0, "gather_dot": 0, "scatter_rows": 0}
+    for name in counts:
+        fn = getattr(kernels, f"triton_{name}")
+
+        def counted(*args, _fn=fn, _name=name):
+            counts[_name] += 1
+            return _fn(*args)
+
+        monkeypatch.setattr(kernels, f"triton_{name}", counted)
+    return counts
+
+
+# ------------------------------------------------------------------------ each primitive alone
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-k{}-L{}-d{}-hi{}".format(*s))
+def test_gather_sum(shape, dtype):
+    N, k, L, d, high = shape
+    idx, w, W, _ = make(*shape, dtype)
+    out = kernels.triton_gather_sum(idx, w, W)
+    assert out.dtype == W.dtype and out.shape == (N, d)
+    close(out, dense_codes(idx, w, L) @ W.double(), dtype)
+    close(out, ops.torch_gather_sum(idx, w.double(), W.double()), dtype)
+    if dtype in (torch.float32, torch.float64):
+        same(out, ops.torch_gather_sum(idx, w, W))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-k{}-L{}-d{}-hi{}".format(*s))
+def test_gather_dot(shape, dtype):
+    N, k, L, d, high = shape
+    idx, _, W, rows = make(*shape, dtype)
+    out = kernels.triton_gather_dot(idx, W, rows)
+    assert out.dtype == W.dtype and out.shape == (N, k)
+    close(out, (rows.double() @ W.double().T).gather(1, idx), dtype)
+    close(out, ops.torch_gather_dot(idx, W.double(), rows.double()), dtype)
+    if dtype in (torch.float32, torch.float64):
+        same(out, ops.torch_gather_dot(idx, W, rows))
+
+
+# (rows dtype, weights dtype): the callers pass fp32 (fp64 for fp64) weights; others work too
+SCATTER_DTYPES = [(dt, torch.float64 if dt == torch.float64 else torch.float32) for dt in DTYPES]
+SCATTER_DTYPES += [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype,wdt", SCATTER_DTYPES, ids=lambda dt: str(dt)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-k{}-L{}-d{}-hi{}".format(*s))
+def test_scatter_rows(shape, dtype, wdt):
+    N, k, L, d, high = shape
+    idx, w, _, rows = make(*shape, dtype, weights_dtype=wdt)
+    out = kernels.triton_scatter_rows(idx, w, rows, L)
+    assert out.dtype == wdt and out.shape == (L, d)
+    expected = dense_codes(idx, w, L).T @ rows.double()
+    # rows are cast to fp32 on load: the only rounding is the output's
+    close(out, expected, wdt)
+    close(out, ops.torch_scatter_rows(idx, w.double(), rows.double(), L), wdt)
+    if wdt in (torch.float32, torch.float64):
+        same(out, ops.torch_scatter_rows(idx, w, rows, L))
+    unused = torch.ones(L, dtype=torch.bool, device=DEVICE)
+    unused[idx.reshape(-1)] = False
+    assert unused[high:].all()
+    assert (out[unused] == 0).all()  # latents no token selects: exact zeros
+
+
+def test_small_blocks(monkeypatch):
+    """Several d blocks, several k blocks and long segments, each with a masked tail."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_D", 16)
+    monkeypatch.setattr(kernels, "DOT_BLOCK_D", 16)
+    monkeypatch.setattr(kernels, "DOT_BLOCK_K", 16)
+    N, k, L, d = 21, 19, 6, 40  # k > DOT_BLOCK_K; ~70 entries per latent > SCATTER_BLOCK_S
+    idx, w, W, rows = make(N, k, L, d, L, torch.float32)
+    Z = dense_codes(idx, w, L)
+    close(kernels.triton_gather_sum(idx, w, W), Z @ W.double(), torch.float32)
+    close(kernels.triton_gather_dot(idx, W, rows), (rows.double() @ W.double().T).gather(1, idx), torch.float32)
+    close(kernels.triton_scatter_rows(idx, w, rows, L), Z.T @ rows.double(), torch.float32)
+
+
+def test_strided_and_int32_inputs():
+    N, k, L, d = 19, 3, 12, 24
+    idx, w, W, rows = make(N, k, L, d, L, torch.float32)
+    W_wide = torch.randn(L, d + 5, device=DEVICE)
+    W_wide[:, :d] = W
+    rows_wide = torch.randn(N, 2 * d, device=DEVICE)
+    rows_wide[:, ::2] = rows
+    idx_wide = torch.stack([idx, idx], -1).reshape(N, 2 * k)[:, ::2]  # non-contiguous
+    w_t = w.T.contiguous().T
+    assert not idx_wide.is_contiguous() and not w_t.is_contiguous()
+    Z = dense_codes(idx, w, L)
+    for ix in (idx_wide, idx.to(torch.int32)):
+        close(kernels.triton_gather_sum(ix, w_t, W_wide[:, :d]), Z @ W.double(), torch.float32)
+        close(
+            kernels.triton_gather_dot(ix, W_wide[:, :d], rows_wide[:, ::2]),
+            (rows.double() @ W.double().T).gather(1, idx),
+            torch.float32,
+        )
+        close(kernels.triton_scatter_rows(ix, w_t, rows_wide[:, ::2], L), Z.T @ rows.double(), torch.float32)
+
+
+def test_empty():
+    W = torch.randn(5, 7, device=DEVICE)
+    for N, k in ((0, 3), (4, 0)):
+        idx = torch.zeros(N, k, dtype=torch.long, device=DEVICE)
+        w = torch.ones(N, k, device=DEVICE)
+        rows = torch.randn(N, 7, device=DEVICE)
+        assert torch.equal(kernels.triton_gather_sum(idx, w, W), torch.zeros(N, 7, device=DEVICE))
+        assert kernels.triton_gather_dot(idx, W, rows).shape == (N, k)
+        assert torch.equal(kernels.triton_scatter_rows(idx, w, rows, 5), torch.zeros(5, 7, device=DEVICE))
+
+
+def test_shape_errors():
+    idx = torch.zeros(3, 2, dtype=torch.long, device=DEVICE)
+    W = torch.randn(4, 5, device=DEVICE)
+    with pytest.raises(ValueError):
+        kernels.triton_gather_sum(idx, torch.ones(3, 3, device=DEVICE), W)
+    with pytest.raises(ValueError):
+        kernels.triton_gather_dot(idx, W, torch.ones(3, 4, device=DEVICE))
+    with pytest.raises(ValueError):
+        kernels.triton_scatter_rows(idx, torch.ones(3, 2, device=DEVICE), torch.ones(2, 5, device=DEVICE), 4)
+
+
+def test_dispatch(monkeypatch, calls):
+    idx, w, W, rows = make(5, 2, 6, 8, 6, torch.float32)
+    monkeypatch.setenv("SAE_CORE_KERNELS", "triton")
+    ops.gather_sum(idx, w, W)
+    ops.gather_dot(idx, W, rows)
+    ops.scatter_rows(idx, w, rows, 6)
+    assert calls == {"gather_sum": 1, "gather_dot": 1, "scatter_rows": 1}
+    monkeypatch.setenv("SAE_CORE_KERNELS", "torch")
+    ops.gather_sum(idx, w, W)
+    assert calls["gather_sum"] == 1
+
+
+# ------------------------------------------------------------------- autograd through them
+def test_gradcheck_decode(monkeypatch, calls):
+    monkeypatch.setenv("SAE_CORE_KERNELS", "triton")
+    g = torch.Generator().manual_seed(1)
+    idx = torch.tensor([[0, 3, 3], [5, 1, 0], [2, 2, 2], [1, 4, 0]], device=DEVICE).reshape(2, 2, 3)
+    acts = torch.rand(2, 2, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: decode(idx, a, w), (acts, W))
+    assert all(n > 0 for n in calls.values()), calls
+
+
+def test_gradcheck_selected_encode(monkeypatch, calls):
+    monkeypatch.setenv("SAE_CORE_KERNELS", "triton")
+    g = torch.Generator().manual_seed(2)
+    N, L, d = 4, 6, 5  # k = 3
+    idx = torch.tensor([[0, 3, 5], [5, 1, 0], [2, 4, 1], [1, 4, 0]], device=DEVICE)
+    x = (0.1 * torch.randn(N, d, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    W = (0.1 * torch.randn(L, d, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    # pre-activations at least 0.5 from ReLU's kink: latents 1 and 4 are off, the rest on
+    b = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64, device=DEVICE).requires_grad_()
+
+    def f(x, W, b):
+        with torch.no_grad():  # the forward values, as Sae computes them (without autograd)
+            values = torch.relu(torch.einsum("nd,nkd->nk", x, W[idx]) + b[idx])
+        return selected_encode(x, W, b, idx, values)
+
+    assert torch.autograd.gradcheck(f, (x, W, b))
+    assert calls["gather_sum"] > 0 and calls["scatter_rows"] > 0, calls
+
+
+def _train_steps(sae, x, dead, steps=1):
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    outs, grads = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        outs.append(out)
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+    return outs, grads, {n: p.detach().clone() for n, p in sae.named_parameters()}
+
+
+def test_sae_training_step_matches_torch(monkeypatch, calls):
+    torch.manual_seed(0)
+    sae = Sae(24, SaeConfig(expansion_factor=4, k=3), device=DEVICE)
+    x = torch.randn(16, 24, device=DEVICE)
+    dead = torch.zeros(sae.num_latents, dtype=torch.bool, device=DEVICE)
+    dead[::3] = True  # 32 dead latents: AuxK runs (k_aux = 12)
+
+    monkeypatch.setenv("SAE_CORE_KERNELS", "torch")
+    ref = _train_steps(copy.deepcopy(sae), x, dead)
+    assert sum(calls.values()) == 0
+    monkeypatch.setenv("SAE_CORE_KERNELS", "triton")
+    got = _train_steps(copy.deepcopy(sae), x, dead)
+    assert calls["gather_sum"] >= 2 and calls["gather_dot"] >= 2 and calls["scatter_rows"] >= 4, calls
+
+    for o_ref, o_got in zip(ref[0], got[0], strict=True):
+        assert o_ref.auxk_loss > 0
+        for a, b in zip(o_ref, o_got, strict=True):
+            torch.testing.assert_close(b, a)
+    for g_ref, g_got in zip(ref[1], got[1], strict=True):
+        for name in g_ref:
+            torch.testing.assert_close(g_got[name], g_ref[name], msg=lambda m, n=name: f"grad {n}: {m}")
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m, n=name: f"param {n}: {m}")
