@@ -7,16 +7,11 @@ from pathlib import Path
 
 import typer
 
-from sae_core.cli import field_docs, run_app
+from sae_core.cli import field_docs, make_app, run_app
 
 from .config import CollectConfig
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Run a language model once and cache many layers of its residual stream in a Zarr v3 store.",
-)
+app = make_app("Run a language model once and cache many layers of its residual stream in a Zarr v3 store.")
 
 _doc = field_docs(CollectConfig)
 

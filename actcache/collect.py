@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
-from sae_core.models import DEFAULT_MODEL_ID, resolve_device
+from sae_core.distributed import barrier, init_distributed, rank_device
+from sae_core.models import DEFAULT_MODEL_ID
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
 from sae_core.store.manifest import Manifest
@@ -45,19 +45,6 @@ def _tool_version() -> str:
         return version("actcache")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _validate(cfg: CollectConfig) -> None:
@@ -122,11 +109,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
     """Run the whole collection; under torchrun each rank writes its share of the shards."""
     t0 = time.perf_counter()
     _validate(cfg)
-    rank, world = _distributed()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
+    rank, world = init_distributed()
+    device = rank_device(cfg.device, rank, world)
     model, tokenizer = load_model(
         cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
         load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,
@@ -171,7 +155,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
 
 def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, world, t0) -> CollectResult:
-    _barrier()
+    barrier()
     if rank != 0:
         manifest = _read_committed(out)
     todo = [s for s in range(layout.num_shards) if s not in manifest.shards]
@@ -183,7 +167,7 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
     )
     written = _run(cfg, capture, writer, seqs, layout, mine, device, rank)
     capture.remove()
-    _barrier()
+    barrier()
     if rank == 0 and world > 1:
         manifest = consolidate_manifests(out)
     elif world == 1:

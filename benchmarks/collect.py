@@ -31,6 +31,7 @@ import zarr
 from actcache import data
 from actcache.config import CollectConfig
 from actcache.hooks import Capture
+from benchmarks._common import apply_omp_wait_policy
 from sae_core import d_model, load_model, num_layers, parse_layers
 from sae_core.models import resolve_device
 from sae_core.store import CODECS, DEFAULT_CODEC, plan_layout
@@ -52,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default="all", help="layers collect writes (section 1)")
     p.add_argument("--codec", default=DEFAULT_CODEC, choices=CODECS, help="codec collect writes with")
     p.add_argument("--codec-layers", default="0,10,20,29", help="layers for the codec table (section 3)")
-    p.add_argument("--seqs-per-shard", type=int, help="shard size (default: collect's, 32 MiB per layer)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                   help="OMP_WAIT_POLICY for every mode (the run restarts itself to apply it)")
+    p.add_argument("--seqs-per-shard", type=int, default=4,
+                   help="shard size; small enough that a short run has several shards, so writing overlaps the forward")
     p.add_argument("--write-threads", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians are reported")
@@ -185,6 +189,8 @@ def codec_table(acts: dict[str, np.ndarray], layout, args, tmp: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if argv is None:  # bare and collect under one OpenMP wait policy (see _common.py)
+        apply_omp_wait_policy(args.omp_wait_policy, "benchmarks.collect")
     device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-collect-", dir=args.tmp_dir))
     try:
@@ -216,14 +222,19 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
     def bare(ids):
         model(input_ids=ids, use_cache=False)
 
+    def bare_blocks(ids):  # the stricter baseline: every block and the final norm, no lm_head / logits
+        model.get_decoder()(input_ids=ids, use_cache=False)
+
     timed_pass(bare, seqs, batches[:1], device)  # warm-up
+    timed_pass(bare_blocks, seqs, batches[:1], device)
 
     # 1. bare forward vs collect, alternated so drifting load on a shared machine hits both alike.
-    bare_s, runs = [], []
+    bare_s, blocks_s, runs = [], [], []
     for i in range(args.repeats):
         bare_s.append(timed_pass(bare, seqs, batches, device))
+        blocks_s.append(timed_pass(bare_blocks, seqs, batches, device))
         runs.append(run_collect(args, tmp, i))
-        print(f"  repeat {i}: bare {bare_s[-1]:.2f}s  collect loop {runs[-1]['loop_s']:.2f}s "
+        print(f"  repeat {i}: bare {bare_s[-1]:.2f}s  bare blocks {blocks_s[-1]:.2f}s  collect loop {runs[-1]['loop_s']:.2f}s "
               f"(drain {runs[-1]['drain_s']:.2f}s)  collect total {runs[-1]['total_s']:.2f}s", flush=True)
     if runs[0]["fingerprint"] != data.fingerprint(seqs) or runs[0]["tokens"] != tokens:
         raise SystemExit("collect saw different sequences than the bare pass; the comparison is void")
@@ -232,20 +243,23 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
     n_written = len(parse_layers(args.layers, n_layers))
     throughput = {
         "bare_tok_s": bare_tps,
+        "bare_blocks_tok_s": tokens / statistics.median(blocks_s),
         "collect_loop_tok_s": tokens / med["loop_s"],
         "collect_loop_excl_drain_tok_s": tokens / (med["loop_s"] - med["drain_s"]),
         "collect_result_tok_s": tokens / med["total_s"],
         "layers_written": n_written,
         "stored_bytes_per_token": runs[0]["stored_bytes"] / tokens,
-        "bare_s": bare_s, "collect_runs": runs,
+        "bare_s": bare_s, "bare_blocks_s": blocks_s, "collect_runs": runs,
     }
     print(f"\n1. throughput, {tokens} tokens, {n_written} layers in bf16, codec {args.codec} "
           f"(medians of {args.repeats}; collect loop = collect._run incl. final drain of writes)")
-    for label, key in (("bare forward", "bare_tok_s"), ("collect loop", "collect_loop_tok_s"),
+    for label, key in (("bare forward", "bare_tok_s"), ("bare blocks (no lm_head)", "bare_blocks_tok_s"),
+                       ("collect loop", "collect_loop_tok_s"),
                        ("collect loop excl. final drain", "collect_loop_excl_drain_tok_s"),
                        ("collect end-to-end (CollectResult)", "collect_result_tok_s")):
         tps = throughput[key]
-        print(f"  {label:36s} {tps:10.0f} tok/s   ratio to bare {tps / bare_tps:5.2f}")
+        print(f"  {label:36s} {tps:10.0f} tok/s   ratio to bare {tps / bare_tps:5.2f}"
+              f"   to bare blocks {tps / throughput['bare_blocks_tok_s']:5.2f}")
     print(f"  stored {throughput['stored_bytes_per_token']:.0f} B/token "
           f"({throughput['stored_bytes_per_token'] / n_written:.0f} per layer, raw {2 * d})")
 

@@ -12,6 +12,11 @@ import typer
 from .errors import UserError
 
 
+def make_app(help: str) -> typer.Typer:
+    """A typer app with our conventions: no shell completion, help without arguments, plain tracebacks."""
+    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
     try:

