@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,9 @@ def fit(cfg: TrainConfig) -> FitResult:
         raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
     rank, world = init_distributed()
     device = rank_device(cfg.device, rank, world)
+    if not store.complete and rank == 0:
+        print(f"note: {store.path} is incomplete ({store.num_tokens:,} of {store.layout.num_tokens:,} tokens "
+              "committed); training on the committed part", file=sys.stderr)
     layers = select_layers(store, cfg.layers)
     _check_finite_stats(store, layers)
     resolved = resolve_config(cfg, store, layers, world)
@@ -237,7 +241,8 @@ def fit(cfg: TrainConfig) -> FitResult:
         for n, t in trainers.items():
             t.since_fired = ckpt.load_layer(folder / n, t.sae, t.opt).to(device)
 
-    train_chunks = [c for c in store.committed_chunks() if c not in set(resolved["holdout_chunks"])]
+    held = set(resolved["holdout_chunks"])
+    train_chunks = [c for c in store.committed_chunks() if c not in held]
     loader = StoreLoader(
         store, list(trainers), train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
         rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
