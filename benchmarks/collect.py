@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import timeit
 from contextlib import contextmanager
@@ -31,7 +29,7 @@ import zarr
 from actcache import data
 from actcache.config import CollectConfig
 from actcache.hooks import Capture
-from benchmarks._common import apply_omp_wait_policy
+from benchmarks._common import apply_omp_wait_policy, run_and_report
 from sae_core import d_model, load_model, num_layers, parse_layers
 from sae_core.models import resolve_device
 from sae_core.store import CODECS, DEFAULT_CODEC, plan_layout
@@ -192,16 +190,7 @@ def main(argv=None) -> None:
     if argv is None:  # bare and collect under one OpenMP wait policy (see _common.py)
         apply_omp_wait_policy(args.omp_wait_policy, "benchmarks.collect")
     device = torch.device(args.device)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-collect-", dir=args.tmp_dir))
-    try:
-        report = bench(args, device, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    report["command"] = command_line(args)
-    if args.out_json:
-        args.out_json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out_json}")
-    print(f"\nreproduce with:\n  {report['command']}")
+    run_and_report(lambda tmp: bench(args, device, tmp), args, prefix="bench-collect-", command=command_line(args))
 
 
 def bench(args, device: torch.device, tmp: Path) -> dict:

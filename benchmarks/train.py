@@ -34,18 +34,16 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks._common import apply_omp_wait_policy
+from benchmarks._common import apply_omp_wait_policy, run_and_report
 from sae_core import SaeConfig
 from sae_core.store import ActivationStore
 from saetrain.config import TrainConfig
@@ -175,16 +173,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.eai_python} not found; install eai-sparsify in its own venv:\n"
                          "  python3 -m venv /tmp/eai-venv && /tmp/eai-venv/bin/pip install torch==2.13.0 eai-sparsify")
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.tmp_dir))
-    try:
-        report = bench(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    report["command"] = command_line(args)
-    if args.out_json:
-        args.out_json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out_json}")
-    print(f"\nreproduce with:\n  {report['command']}")
+    run_and_report(lambda tmp: bench(args, tmp), args, prefix="bench-train-", command=command_line(args))
 
 
 def bench(args: argparse.Namespace, tmp: Path) -> dict:
