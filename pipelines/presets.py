@@ -23,8 +23,8 @@ def smollm2_demo(root: Path = Path("out/smollm2-demo")) -> Recipe:
     store = root / "acts.zarr"
     return Recipe(
         "smollm2-demo",
-        "SmolLM2-135M on Shakespeare: 160k tokens of layers 3, 9, 15; 8x TopK SAEs (k=32), 2 epochs, 5% held out",
-        CollectConfig(out=store, layers="3,9,15", ctx_len=256, batch_size=8, max_tokens=160_000, dtype="bfloat16"),
+        "SmolLM2-135M on Shakespeare: 200k tokens of layers 3, 9, 15, 21; 8x TopK SAEs (k=32), 2 epochs, 5% held out",
+        CollectConfig(out=store, layers="3,9,15,21", ctx_len=256, batch_size=8, max_tokens=200_000, dtype="bfloat16"),
         TrainConfig(
             store=store, out=root / "saes", k=32, expansion_factor=8, batch_size=1024, epochs=2, lr_warmup_steps=50,
             exclude_first_tokens=1, holdout=0.05, dead_feature_threshold=100_000, save_every=100,
