@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
-from sae_core.distributed import barrier, init_distributed, rank_device
+from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
 from sae_core.models import DEFAULT_MODEL_ID
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
-from sae_core.store.manifest import Manifest
+from sae_core.store.manifest import Manifest, read_manifests
 from sae_core.store.writer import (
     ShardWriter,
     check_disk_space,
@@ -144,11 +144,17 @@ def collect(cfg: CollectConfig) -> CollectResult:
         "tool": {"name": "actcache", "version": _tool_version(), "torch": torch.__version__},
     }
     out = Path(cfg.out)
-    lock = None
+    lock, manifest, error = None, None, None
     if rank == 0:
-        manifest, lock = _open_for_write(cfg, out, meta, layout, widths, itemsize)
+        try:
+            manifest, lock = _open_for_write(cfg, out, meta, layout, widths, itemsize)
+        except UserError as e:
+            error = str(e)
+    error = rank0_error(error, world)
+    if error:
+        raise UserError(error)
     try:
-        return _collect_shards(cfg, out, layout, manifest if rank == 0 else None, capture, seqs, device, rank, world, t0)
+        return _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, world, t0)
     finally:
         if lock is not None:
             lock.close()
@@ -157,7 +163,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, world, t0) -> CollectResult:
     barrier()
     if rank != 0:
-        manifest = _read_committed(out)
+        manifest = read_manifests(out)
     todo = [s for s in range(layout.num_shards) if s not in manifest.shards]
     mine = todo[rank::world]
     writer = ShardWriter(
@@ -174,12 +180,6 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
         manifest = writer.manifest
     committed = sum(r.tokens[1] - r.tokens[0] for r in manifest.shards.values()) if rank == 0 else -1
     return CollectResult(out, written, committed, time.perf_counter() - t0)
-
-
-def _read_committed(out: Path) -> Manifest:
-    from sae_core.store.manifest import read_manifests
-
-    return read_manifests(out)
 
 
 def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int):

@@ -30,3 +30,12 @@ def rank_device(device: str | None, rank: int, world: int) -> torch.device:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
     return dev
+
+
+def rank0_error(error: str | None, world: int) -> str | None:
+    """Rank 0's error message on every rank, so all stop together instead of one waiting at a barrier."""
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    return error
