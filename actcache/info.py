@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from sae_core.store import ActivationStore
+from sae_core.store.format import STORAGE_DTYPES
 
 
 def _disk_bytes(path: Path) -> int:
@@ -17,7 +20,7 @@ def store_info(path: str | Path) -> dict:
     meta = store.meta
     files = [f for rec in store.manifest.shards.values() for f in rec.files.values()]
     data_bytes = sum(f["bytes"] for f in files)
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[store.dtype_name]
+    itemsize = np.dtype(STORAGE_DTYPES[store.dtype_name]).itemsize
     logical = store.num_tokens * (sum(a["d"] for a in meta["arrays"].values()) * itemsize + 4)
     return {
         "path": str(store.path),

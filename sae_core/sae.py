@@ -119,7 +119,7 @@ class Sae(nn.Module):
         sae_in = x - self.b_dec
         # Dense pre-activations without autograd: only the selected entries get gradients.
         with torch.no_grad():
-            pre_acts = nn.functional.relu(nn.functional.linear(sae_in, self.encoder.weight, self.encoder.bias))
+            pre_acts = self.pre_acts(x)
         top_acts, top_indices = self._selected(sae_in, pre_acts, self.cfg.k)
         sae_out = self.decode(top_acts, top_indices)
         residual = x - sae_out
@@ -133,9 +133,8 @@ class Sae(nn.Module):
             k_aux = max(self.d_in // 2, 1)
             scale = min(num_dead / k_aux, 1.0)
             auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
-            aux_idx = auxk_pre.topk(min(k_aux, num_dead), dim=-1, sorted=False).indices
-            auxk_acts = selected_encode(sae_in, self.encoder.weight, self.encoder.bias, aux_idx, pre_acts.gather(-1, aux_idx))
-            residual_hat = self._decode_sparse(auxk_acts, aux_idx)
+            # k_aux <= num_dead, so no -inf is selected: the values are the dead latents' pre-activations.
+            residual_hat = self._decode_sparse(*self._selected(sae_in, auxk_pre, min(k_aux, num_dead)))
             auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_tensor(0.0)

@@ -59,7 +59,7 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     """The numpy array read from zarr -> a tensor in the logical dtype."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype == "bfloat16":
-        return t.view(torch.int16).view(torch.bfloat16) if t.dtype != torch.uint16 else t.view(torch.bfloat16)
+        return t.view(torch.bfloat16)  # same-size reinterpretation of the uint16 bits
     return t
 
 
