@@ -289,14 +289,17 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
 
 
 def load_sparsify():
-    """(SparseCoder class, its config class, version) of eai-sparsify, or None when not importable."""
+    """(SparseCoder class, its config class, version) of eai-sparsify, or None (saying why) when it does not import."""
     try:
         import sparsify
-    except Exception:  # not installed, or broken: skip that comparison
+    except Exception as e:  # not installed, or a dependency missing: skip that comparison
+        print(f"eai-sparsify does not import ({type(e).__name__}: {e}); the step comparison is skipped. "
+              "pip install eai-sparsify, or on a machine without PyPI carry the wheels of benchmarks/gpu_wheels.sh")
         return None
     coder = getattr(sparsify, "SparseCoder", None) or getattr(sparsify, "Sae", None)
     config = getattr(sparsify, "SparseCoderConfig", None) or getattr(sparsify, "SaeConfig", None)
     if coder is None or config is None:
+        print(f"eai-sparsify {getattr(sparsify, '__version__', '?')} has neither SparseCoder nor Sae; skipped")
         return None
     return coder, config, getattr(sparsify, "__version__", "?")
 
@@ -308,7 +311,7 @@ def train(report: Report, name, cfg, tokens, args, eai):
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
     x = torch.randn(tokens, d, device=DEVICE, generator=gen).to(torch.bfloat16)  # LM activations are bf16
     if eai is None:
-        print("  eai-sparsify: not importable here (pip install eai-sparsify to compare); skipped")
+        print("  eai-sparsify: not importable here (see above); skipped")
     for dead_frac in (0.0, args.dead_frac):
         dead = None
         if dead_frac > 0:

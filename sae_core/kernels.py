@@ -21,7 +21,7 @@ inputs may be fp16, bf16, fp32 or fp64 and need not share a dtype (each is cast 
 dtypes fall back to the torch reference. They use only plain loads/stores, `tl.arange`,
 `tl.zeros` and `tl.sum` (no `tl.dot`, no autotuning), so they run unchanged under the CPU
 interpreter (`TRITON_INTERPRET=1`, set before triton is imported) and on any CUDA GPU Triton
-supports; block sizes are fixed module constants, which tests may patch to force several blocks.
+supports; tile sizes are fixed (`TILES`), which tests may patch to force several blocks.
 
 Limits: indices are not range-checked (the torch reference raises on an out-of-range index;
 here an index outside `[0, L)` reads out of bounds in the gathers and is ignored by
@@ -45,15 +45,30 @@ from . import ops
 # `triton.jit` decorates them, i.e. when this module is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Fixed tile sizes (no autotuning: it cannot run in the interpreter and these kernels are
-# bandwidth-bound gathers whose tiles only need to be wide enough to coalesce). The wrappers read
-# them at call time; powers of two.
-GATHER_BLOCK_N = 16  # tokens per gather_sum program
-MAX_BLOCK_D = 256  # widest slice of d per gather_sum / scatter_rows program
-DOT_BLOCK_K = 32  # selections per gather_dot program
-DOT_BLOCK_D = 128  # d step of gather_dot's loop
-SCATTER_BLOCK_S = 16  # segment entries summed per scatter_rows iteration
-NUM_WARPS = 4
+# Fixed tile sizes of each kernel (no autotuning: it cannot run in the interpreter and these kernels
+# are bandwidth-bound gathers whose tiles only need to be wide enough to coalesce), read at call time
+# (tests and benchmarks/kernels_tune.py replace entries); powers of two. BLOCK_D and BLOCK_K are caps:
+# a launch uses the smallest power of two >= d (or k), at least 16, up to the cap.
+TILES = {
+    # BLOCK_N tokens x BLOCK_D of d per program, looping over the k selections
+    "gather_sum": dict(BLOCK_N=16, BLOCK_D=256, num_warps=4),
+    # one token x BLOCK_K selections per program, looping over d in steps of BLOCK_D
+    "gather_dot": dict(BLOCK_K=32, BLOCK_D=128, num_warps=4),
+    # one latent x BLOCK_D of d per program, summing its segment BLOCK_S entries at a time
+    "scatter_rows": dict(BLOCK_S=16, BLOCK_D=256, num_warps=4),
+}
+
+
+def launch_config(op: str, d: int, k: int) -> dict:
+    """The tile constexprs and launch options of `op`'s kernel for rows of width `d` and `k` selections."""
+    cfg = dict(TILES[op])
+    cfg["BLOCK_D"] = _block(d, cfg["BLOCK_D"])
+    if "BLOCK_K" in cfg:
+        cfg["BLOCK_K"] = _block(k, cfg["BLOCK_K"])
+    # FMA contraction on explicitly: triton 3.6 defaults to it, later releases warn and will not.
+    cfg["enable_fp_fusion"] = True
+    return cfg
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -184,13 +199,10 @@ def triton_gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
         return torch.zeros(N, D, dtype=W.dtype, device=W.device)
     indices, weights, W = indices.contiguous(), weights.contiguous(), _rowmajor(W)
     out = torch.empty(N, D, dtype=W.dtype, device=W.device)
-    block_n, block_d = GATHER_BLOCK_N, _block(D, MAX_BLOCK_D)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    cfg = launch_config("gather_sum", D, K)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_D"]))
     with _on(W.device):
-        _gather_sum_kernel[grid](
-            indices, weights, W, out, N, K, D, W.stride(0), out.stride(0),
-            ACC=_acc(W.dtype), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS,
-        )
+        _gather_sum_kernel[grid](indices, weights, W, out, N, K, D, W.stride(0), out.stride(0), ACC=_acc(W.dtype), **cfg)
     return out
 
 
@@ -208,13 +220,10 @@ def triton_gather_dot(indices: Tensor, W: Tensor, rows: Tensor) -> Tensor:
         return torch.zeros(N, K, dtype=W.dtype, device=W.device)
     indices, W, rows = indices.contiguous(), _rowmajor(W), _rowmajor(rows)
     out = torch.empty(N, K, dtype=W.dtype, device=W.device)
-    block_k, block_d = _block(K, DOT_BLOCK_K), _block(D, DOT_BLOCK_D)
-    grid = (N, triton.cdiv(K, block_k))
+    cfg = launch_config("gather_dot", D, K)
+    grid = (N, triton.cdiv(K, cfg["BLOCK_K"]))
     with _on(W.device):
-        _gather_dot_kernel[grid](
-            indices, W, rows, out, K, D, W.stride(0), rows.stride(0),
-            ACC=_acc(W.dtype), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=NUM_WARPS,
-        )
+        _gather_dot_kernel[grid](indices, W, rows, out, K, D, W.stride(0), rows.stride(0), ACC=_acc(W.dtype), **cfg)
     return out
 
 
@@ -238,11 +247,10 @@ def triton_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_late
     w_sorted = weights.reshape(-1)[order]
     bounds = torch.arange(num_latents + 1, device=indices.device, dtype=sorted_idx.dtype)
     segments = torch.searchsorted(sorted_idx, bounds)  # latent l owns [segments[l], segments[l + 1])
-    block_d = _block(D, MAX_BLOCK_D)
-    grid = (num_latents, triton.cdiv(D, block_d))
+    cfg = launch_config("scatter_rows", D, K)
+    grid = (num_latents, triton.cdiv(D, cfg["BLOCK_D"]))
     with _on(rows.device):
         _scatter_rows_kernel[grid](
-            segments, tokens, w_sorted, rows, out, D, rows.stride(0), out.stride(0),
-            ACC=_acc(weights.dtype), BLOCK_S=SCATTER_BLOCK_S, BLOCK_D=block_d, num_warps=NUM_WARPS,
+            segments, tokens, w_sorted, rows, out, D, rows.stride(0), out.stride(0), ACC=_acc(weights.dtype), **cfg
         )
     return out

@@ -39,7 +39,7 @@ TOL = {
 DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16]
 
 # (tokens N, k, latents L, d, indices drawn from range(high)): d not a power of two (24, 100, 300 >
-# MAX_BLOCK_D so two d blocks), k = 1, N not a multiple of the token block, latents above `high`
+# the BLOCK_D cap of 256 so two d blocks), k = 1, N not a multiple of the token block, latents above `high`
 # selected by no token, small `high` for indices repeated across tokens and within a token.
 SHAPES = [
     (1, 1, 4, 24, 4),
@@ -146,10 +146,9 @@ def test_scatter_rows(shape, dtype, wdt):
 
 def test_small_blocks(monkeypatch):
     """Several d blocks, several k blocks and long segments, each with a masked tail."""
-    monkeypatch.setattr(kernels, "MAX_BLOCK_D", 16)
-    monkeypatch.setattr(kernels, "DOT_BLOCK_D", 16)
-    monkeypatch.setattr(kernels, "DOT_BLOCK_K", 16)
-    N, k, L, d = 21, 19, 6, 40  # k > DOT_BLOCK_K; ~70 entries per latent > SCATTER_BLOCK_S
+    for op, tiles in kernels.TILES.items():
+        monkeypatch.setitem(kernels.TILES, op, {**tiles, "BLOCK_D": 16} | ({"BLOCK_K": 16} if "BLOCK_K" in tiles else {}))
+    N, k, L, d = 21, 19, 6, 40  # k > gather_dot's BLOCK_K; ~70 entries per latent > scatter_rows' BLOCK_S
     idx, w, W, rows = make(N, k, L, d, L, torch.float32)
     Z = dense_codes(idx, w, L)
     close(kernels.triton_gather_sum(idx, w, W), Z @ W.double(), torch.float32)
@@ -280,3 +279,30 @@ def test_sae_training_step_matches_torch(monkeypatch, calls):
             torch.testing.assert_close(g_got[name], g_ref[name], msg=lambda m, n=name: f"grad {n}: {m}")
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m, n=name: f"param {n}: {m}")
+
+
+# ------------------------------------------------------------------- the GPU benchmark, tiny
+def test_kernel_benchmark_sections_run(monkeypatch, capsys):
+    """benchmarks/kernels.py's sections run end to end on a tiny shape, so a GPU session's run of it
+    fails on nothing but the GPU (it was written on a machine without one)."""
+    from benchmarks import kernels as bench
+
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(d=24, latents=64, k=4))
+    args = bench.parse_args(["--shapes", "tiny", "--min-time", "0", "--train-steps", "1", "--train-warmup", "1",
+                             "--dead-frac", "0.5"])
+    report = bench.Report(args)
+    cfg, tokens = bench.SHAPES["tiny"], 20
+    for dtype in (torch.bfloat16, torch.float32):
+        bench.check(report, "tiny", cfg, tokens, dtype, args)
+        bench.primitives(report, "tiny", cfg, tokens, dtype, args)
+    bench.train(report, "tiny", cfg, tokens, args, bench.load_sparsify())
+    assert report.failures == []
+    kinds = {(r["kind"], r.get("op"), r.get("impl")) for r in report.records}
+    for op in ("gather_sum", "gather_dot", "scatter_rows"):
+        assert ("check", op, None) in kinds
+        for impl in ("triton", "torch", "dense"):
+            assert ("primitive", op, impl) in kinds
+    assert {r["dead"] for r in report.records if r["kind"] == "train"} == {"0 dead latents", "32 dead latents"}
+    assert all(r["tokens_per_s"] > 0 for r in report.records if r["kind"] == "train")
+    assert "decoder fwd+bwd" in capsys.readouterr().out
