@@ -181,6 +181,16 @@ def timing_header(report: Report, dtype: torch.dtype):
     print(f"  (roofline: {report.peak_tflops(dtype):.0f} TFLOP/s {str(dtype)[6:]} dense, {report.args.peak_gbps:.0f} GB/s HBM)")
 
 
+def min_traffic(op: str, N: int, k: int, d: int, L: int, e: int) -> int:
+    """Bytes a primitive must move at least: each gathered row read once per selection (element
+    size `e`), indices (8 bytes) and weights read once, the output written once (scatter_rows: fp32)."""
+    if op in ("gather_sum", "gather_dot"):
+        return N * k * (d * e + 8 + e) + N * d * e
+    if op == "scatter_rows":
+        return N * k * (8 + 4 + d * e) + L * d * 4
+    raise ValueError(op)
+
+
 # ------------------------------------------------------------------------------- the sections
 def make_inputs(cfg, tokens, dtype, skew, seed):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -241,7 +251,7 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
 
     timing_header(report, dtype)
     # decoder forward: y = sum_j acts * W[idx]
-    gs_bytes = N * k * (d * e + 8 + e) + N * d * e
+    gs_bytes = min_traffic("gather_sum", N, k, d, L, e)
     dense_ms = cuda_time(lambda: Z @ W, mt)
     report.timing(name, dtype, "gather_sum", "triton", cuda_time(lambda: kernels.triton_gather_sum(idx, acts, W), mt),
                   sparse_flops, gs_bytes, dense_ms)
@@ -249,7 +259,7 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
                   sparse_flops, gs_bytes, dense_ms)
     report.timing(name, dtype, "gather_sum", "dense", dense_ms, dense_flops, dense_bytes(N, L, d))
     # decoder backward to the activations: W[idx] . grad_y
-    gd_bytes = N * k * (d * e + 8 + e) + N * d * e
+    gd_bytes = min_traffic("gather_dot", N, k, d, L, e)
     dense_ms = cuda_time(lambda: (gy @ W.T).gather(1, idx), mt)
     report.timing(name, dtype, "gather_dot", "triton", cuda_time(lambda: kernels.triton_gather_dot(idx, W, gy), mt),
                   sparse_flops, gd_bytes, dense_ms)
@@ -257,7 +267,7 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
                   sparse_flops, gd_bytes, dense_ms)
     report.timing(name, dtype, "gather_dot", "dense", dense_ms, dense_flops, dense_bytes(N, d, L))
     # decoder backward to W_dec: scatter of acts x grad_y onto the selected rows (fp32 output)
-    sc_bytes = N * k * (8 + 4 + d * e) + L * d * 4
+    sc_bytes = min_traffic("scatter_rows", N, k, d, L, e)
     dense_ms = cuda_time(lambda: Z.T @ gy, mt)
     report.timing(name, dtype, "scatter_rows", "triton",
                   cuda_time(lambda: kernels.triton_scatter_rows(idx, w32, gy, L), mt), sparse_flops, sc_bytes, dense_ms)

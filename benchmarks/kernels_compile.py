@@ -87,11 +87,11 @@ class Result:
 _OPS = {"_gather_sum_kernel": "gather_sum", "_gather_dot_kernel": "gather_dot", "_scatter_rows_kernel": "scatter_rows"}
 
 
-def _launch(kernels, case: Case) -> tuple[dict, dict]:
+def _launch(kernels, case: Case, tiles: dict | None) -> tuple[dict, dict]:
     """(constexprs, compile options) the wrapper passes at the Llama-3 shape."""
     import triton.language as tl
 
-    cfg = kernels.launch_config(_OPS[case.kernel], D, K)
+    cfg = kernels.launch_config(_OPS[case.kernel], D, K, tiles)
     options = {k: cfg.pop(k) for k in ("num_warps", "enable_fp_fusion")}
     cfg["ACC"] = tl.float64 if "fp64" in case.pointers.values() else tl.float32
     return cfg, options
@@ -137,7 +137,8 @@ def row_load_bytes(ttgir: str) -> int | None:
     return min(widths) if widths else None
 
 
-def compile_case(case: Case, arch: int, aligned: bool) -> Result:
+def compile_case(case: Case, arch: int, aligned: bool, tiles: dict | None = None) -> Result:
+    """Compile `case` for sm_`arch` with the tiles of `sae_core.kernels.TILES` (or `tiles`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -146,7 +147,7 @@ def compile_case(case: Case, arch: int, aligned: bool) -> Result:
 
     res = Result(arch, case, aligned)
     fn = getattr(kernels, case.kernel)
-    constexprs, options = _launch(kernels, case)
+    constexprs, options = _launch(kernels, case, tiles)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

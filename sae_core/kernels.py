@@ -59,9 +59,10 @@ TILES = {
 }
 
 
-def launch_config(op: str, d: int, k: int) -> dict:
-    """The tile constexprs and launch options of `op`'s kernel for rows of width `d` and `k` selections."""
-    cfg = dict(TILES[op])
+def launch_config(op: str, d: int, k: int, tiles: dict | None = None) -> dict:
+    """The tile constexprs and launch options of `op`'s kernel for rows of width `d` and `k` selections
+    (with `tiles` in place of `TILES[op]` if given)."""
+    cfg = dict(TILES[op] if tiles is None else tiles)
     cfg["BLOCK_D"] = _block(d, cfg["BLOCK_D"])
     if "BLOCK_K" in cfg:
         cfg["BLOCK_K"] = _block(k, cfg["BLOCK_K"])

@@ -21,6 +21,12 @@ from .decode import decode
 from .encode import selected_encode
 from .errors import UserError
 
+# AuxK runs dense over the dead latents while there are at most this many per selected one
+# (see Sae._auxk_decode). CPU, measured by benchmarks/auxk.py (SmolLM2 shape, 2 cores): dense
+# is 1.5-2x faster up to 4.8, even at 9.6, slower at 16. CUDA: estimated from an H200's bf16
+# FLOP/s over its bandwidth for fp32 row gathers (dense wins up to ~150), not yet measured.
+AUXK_DENSE_RATIO = {"cpu": 8, "cuda": 64}
+
 
 class EncoderOutput(NamedTuple):
     top_acts: Tensor
@@ -101,10 +107,13 @@ class Sae(nn.Module):
         """Reconstruction `(..., d_in)` from `(..., k)` latents."""
         return self._decode_sparse(top_acts, top_indices) + self.b_dec
 
-    def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+    def _decoder(self) -> Tensor:
         if self.W_dec is None:
             raise RuntimeError("this SAE was loaded with decoder=False; reload it with decoder=True to decode")
-        return decode(top_indices, top_acts.to(self.dtype), self.W_dec)
+        return self.W_dec
+
+    def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        return decode(top_indices, top_acts.to(self.dtype), self._decoder())
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Reconstruct `x` and compute the training losses.
@@ -132,9 +141,7 @@ class Sae(nn.Module):
         if num_dead > 0:
             k_aux = max(self.d_in // 2, 1)
             scale = min(num_dead / k_aux, 1.0)
-            auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
-            # k_aux <= num_dead, so no -inf is selected: the values are the dead latents' pre-activations.
-            residual_hat = self._decode_sparse(*self._selected(sae_in, auxk_pre, min(k_aux, num_dead)))
+            residual_hat = self._auxk_decode(sae_in, pre_acts, dead_mask, num_dead, min(k_aux, num_dead))
             auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_tensor(0.0)
@@ -154,6 +161,24 @@ class Sae(nn.Module):
             auxk_loss,
             multi_topk_fvu,
         )
+
+    def _auxk_decode(self, sae_in: Tensor, pre_acts: Tensor, dead_mask: Tensor, num_dead: int, k: int) -> Tensor:
+        """Decode (without `b_dec`) the top `k` dead latents of each token, with gradients.
+
+        With few dead latents per selected one (the usual case: k = d_in / 2 is large) this runs
+        dense over the dead part of the dictionary: the codes fill a large fraction of each
+        (tokens, dead) row, and three matmuls over `num_dead` latents cost far less than sparse
+        products gathering `k` rows per token. Else, sparse products as for the main top-k.
+        """
+        if num_dead > AUXK_DENSE_RATIO.get(sae_in.device.type, 8) * k:
+            # k <= num_dead, so no -inf is selected: the values are the dead latents' pre-activations.
+            auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
+            return self._decode_sparse(*self._selected(sae_in, auxk_pre, k))
+        dead = dead_mask.nonzero().squeeze(1)
+        pre = nn.functional.relu(nn.functional.linear(sae_in, self.encoder.weight[dead], self.encoder.bias[dead]))
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        codes = torch.zeros_like(pre).scatter(-1, indices, values)
+        return codes @ self._decoder()[dead]
 
     def _selected(self, sae_in: Tensor, pre_acts: Tensor, k: int) -> EncoderOutput:
         """Top-k of the (no-grad) pre-activations, re-attached to autograd with sparse gradients."""

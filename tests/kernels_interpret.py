@@ -256,7 +256,13 @@ def _train_steps(sae, x, dead, steps=1):
     return outs, grads, {n: p.detach().clone() for n, p in sae.named_parameters()}
 
 
-def test_sae_training_step_matches_torch(monkeypatch, calls):
+@pytest.mark.parametrize("auxk", ["dense", "sparse"])
+def test_sae_training_step_matches_torch(monkeypatch, calls, auxk):
+    import sae_core.sae
+
+    # AuxK dense over the dead latents (the default here) or through the kernels like the main top-k.
+    ratio = 10**9 if auxk == "dense" else 0
+    monkeypatch.setattr(sae_core.sae, "AUXK_DENSE_RATIO", {DEVICE: ratio})
     torch.manual_seed(0)
     sae = Sae(24, SaeConfig(expansion_factor=4, k=3), device=DEVICE)
     x = torch.randn(16, 24, device=DEVICE)
@@ -268,7 +274,10 @@ def test_sae_training_step_matches_torch(monkeypatch, calls):
     assert sum(calls.values()) == 0
     monkeypatch.setenv("SAE_CORE_KERNELS", "triton")
     got = _train_steps(copy.deepcopy(sae), x, dead)
-    assert calls["gather_sum"] >= 2 and calls["gather_dot"] >= 2 and calls["scatter_rows"] >= 4, calls
+    # Per step: decoder forward and encoder backward to x (gather_sum), decoder backward (gather_dot,
+    # scatter_rows), encoder backward to W_enc (scatter_rows); twice as many with sparse AuxK.
+    per_step = {"gather_sum": 2, "gather_dot": 1, "scatter_rows": 2}
+    assert calls == {op: n * (2 if auxk == "sparse" else 1) for op, n in per_step.items()}, calls
 
     for o_ref, o_got in zip(ref[0], got[0], strict=True):
         assert o_ref.auxk_loss > 0
@@ -306,3 +315,32 @@ def test_kernel_benchmark_sections_run(monkeypatch, capsys):
     assert {r["dead"] for r in report.records if r["kind"] == "train"} == {"0 dead latents", "32 dead latents"}
     assert all(r["tokens_per_s"] > 0 for r in report.records if r["kind"] == "train")
     assert "decoder fwd+bwd" in capsys.readouterr().out
+
+
+def test_tile_sweep_runs_and_restores_the_defaults(monkeypatch, capsys):
+    """benchmarks/kernels_tune.py times every candidate tiling (each one computing the right result)."""
+    from benchmarks import kernels as bench
+    from benchmarks import kernels_tune
+
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    defaults = {op: dict(t) for op, t in kernels.TILES.items()}
+    args = kernels_tune.parse_args(["--dtypes", "fp32", "--min-time", "0"])
+    records = kernels_tune.tune(dict(d=24, latents=32, k=3), 20, "fp32", args)
+    assert kernels.TILES == defaults
+    for op, candidates in kernels_tune.CANDIDATES.items():
+        tried = [r["tiling"] for r in records if r["op"] == op]
+        assert defaults[op] in tried and all(c in tried for c in candidates)
+        assert all(r["ms"] > 0 for r in records)
+    assert capsys.readouterr().out.count("best: TILES[") == 3
+
+    # Each candidate gives the reference's result (its masks cover tiles wider than d and k).
+    idx, w, W, rows = make(20, 3, 32, 24, 32, torch.float32)
+    for tiles in kernels_tune.CANDIDATES["gather_sum"]:
+        monkeypatch.setitem(kernels.TILES, "gather_sum", tiles)
+        same(kernels.triton_gather_sum(idx, w, W), ops.torch_gather_sum(idx, w, W))
+    for tiles in kernels_tune.CANDIDATES["gather_dot"]:
+        monkeypatch.setitem(kernels.TILES, "gather_dot", tiles)
+        same(kernels.triton_gather_dot(idx, W, rows), ops.torch_gather_dot(idx, W, rows))
+    for tiles in kernels_tune.CANDIDATES["scatter_rows"]:
+        monkeypatch.setitem(kernels.TILES, "scatter_rows", tiles)
+        same(kernels.triton_scatter_rows(idx, w, rows, 32), ops.torch_scatter_rows(idx, w, rows, 32))

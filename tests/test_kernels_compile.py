@@ -36,6 +36,22 @@ def test_every_kernel_compiles_without_spills(arch):
         assert r.row_load >= 2, r
 
 
+def test_every_tiling_the_tuner_tries_compiles_without_spills():
+    """benchmarks/kernels_tune.py's candidates, for the training (fp32) and bf16 paths on sm_90."""
+    _needs_compiled_kernels()
+    from benchmarks.kernels_tune import CANDIDATES
+
+    ops = {"_gather_sum_kernel": "gather_sum", "_gather_dot_kernel": "gather_dot", "_scatter_rows_kernel": "scatter_rows"}
+    problems = []
+    for case in kernels_compile.cases():
+        if not case.label.endswith(("fp32", "bf16")):
+            continue
+        for tiles in CANDIDATES[ops[case.kernel]]:
+            r = kernels_compile.compile_case(case, 90, aligned=True, tiles=tiles)
+            problems += [f"{case.kernel} {case.label} {tiles}: {p}" for p in r.problems()]
+    assert not problems, "\n".join(problems)
+
+
 def test_row_load_width_is_read_from_the_layout():
     """The parser finds the narrowest 2-D load; 1-D loads (indices, weights) do not count."""
     ttgir = """

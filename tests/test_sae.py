@@ -168,8 +168,18 @@ def dead_mask_with(num_dead, seed=5):
     return mask
 
 
+@pytest.fixture(params=["dense", "sparse"])
+def auxk_path(request, monkeypatch):
+    """Both ways Sae computes AuxK: dense over the dead latents, or sparse products (many dead)."""
+    import sae_core.sae
+
+    ratio = 10**9 if request.param == "dense" else 0
+    monkeypatch.setattr(sae_core.sae, "AUXK_DENSE_RATIO", {"cpu": ratio, "cuda": ratio})
+    return request.param
+
+
 @pytest.mark.parametrize("num_dead", [3, 8, 30])  # k_aux = 8: scale < 1, == 1, capped at 1
-def test_forward_matches_reference(num_dead):
+def test_forward_matches_reference(num_dead, auxk_path):
     sae = make_sae()
     x = rand_x(40)
     dead = dead_mask_with(num_dead)
@@ -190,7 +200,7 @@ def test_forward_matches_reference(num_dead):
     )
 
 
-def test_auxk_scale_is_num_dead_over_k_aux():
+def test_auxk_scale_is_num_dead_over_k_aux(auxk_path):
     """With one dead latent, the loss is (1 / k_aux) * ||a w - r||^2 / total_variance."""
     sae = make_sae()
     x = rand_x(40)
@@ -224,7 +234,7 @@ def test_multi_topk(k):
     assert multi > 0 and multi != fvu
 
 
-def test_forward_leading_dims():
+def test_forward_leading_dims(auxk_path):
     sae = make_sae()
     x = rand_x(3, 5)
     dead = dead_mask_with(10)
@@ -243,7 +253,7 @@ def test_forward_leading_dims():
     torch.testing.assert_close(out.auxk_loss.detach(), auxk, rtol=1e-12, atol=0)
 
 
-def test_forward_d_in_one_with_dead_latents():
+def test_forward_d_in_one_with_dead_latents(auxk_path):
     """d_in // 2 == 0 must not divide by zero."""
     sae = Sae(1, SaeConfig(num_latents=4, k=1), dtype=F64)
     out = sae(torch.randn(6, 1, dtype=F64), dead_mask=torch.ones(4, dtype=torch.bool))
@@ -252,7 +262,7 @@ def test_forward_d_in_one_with_dead_latents():
 
 # --------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("num_dead", [0, 3, 30])
-def test_gradients_match_dense_reference(num_dead):
+def test_gradients_match_dense_reference(num_dead, auxk_path):
     sae = make_sae()
     x = rand_x(3, 8)
     dead = dead_mask_with(num_dead) if num_dead else None

@@ -1,0 +1,128 @@
+"""Tile sizes of the Triton kernels, swept on a CUDA GPU: which entry of `sae_core.kernels.TILES` is fastest.
+
+The kernels use fixed tiles (`TILES`: no autotuning, which the CPU interpreter cannot run and
+which would make the first training step slow). This times each kernel at one shape (default the
+Llama-3-8B SAE: d_in 4096, 131072 latents, k 192, 8192 tokens) over a short list of tilings, each
+of which compiles without spills (`benchmarks/kernels_compile.py` checks the defaults), for fp32
+(the training path: fp32 weights under bf16 autocast) and bf16, and prints them fastest first with
+GB/s against the minimum traffic, the current default marked, and the `TILES` entry to adopt.
+
+    python -m benchmarks.kernels_tune [--shape llama3-8b] [--dtypes fp32,bf16] [--skew 0]
+
+Needs a CUDA GPU; on a machine without one it prints one line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+
+from benchmarks import kernels as bench
+
+# (tile constexprs, num_warps) to try per kernel; the defaults of sae_core.kernels.TILES are added.
+CANDIDATES = {
+    "gather_sum": [
+        dict(BLOCK_N=n, BLOCK_D=dd, num_warps=w)
+        for n, dd, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+    ],
+    "gather_dot": [
+        dict(BLOCK_K=kk, BLOCK_D=dd, num_warps=w)
+        for kk, dd, w in [(16, 128, 4), (16, 256, 4), (32, 64, 4), (32, 256, 8), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
+    ],
+    "scatter_rows": [
+        dict(BLOCK_S=s, BLOCK_D=dd, num_warps=w)
+        for s, dd, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+    ],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels_tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of bf16, fp32")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--skew", type=float, default=0.0, help="power-law exponent of latent popularity (0: uniform)")
+    p.add_argument("--min-time", type=float, default=0.05, help="seconds of repetitions per tiling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json")
+    args = p.parse_args(argv)
+    args.dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+    for s in args.dtypes:
+        if s not in bench.DTYPES:
+            p.error(f"unknown dtype {s!r}; choose from {', '.join(bench.DTYPES)}")
+    return args
+
+
+def sweep(op: str, call, min_time: float) -> list[tuple[dict, float]]:
+    """(tiling, median ms) of `call()` under each candidate tiling of `op`, fastest first."""
+    from sae_core import kernels
+
+    default = dict(kernels.TILES[op])
+    tried = [default] + [c for c in CANDIDATES[op] if c != default]
+    out = []
+    try:
+        for tiling in tried:
+            kernels.TILES[op] = tiling
+            out.append((tiling, bench.cuda_time(call, min_time)))
+    finally:
+        kernels.TILES[op] = default
+    return sorted(out, key=lambda r: r[1])
+
+
+def tune(cfg: dict, N: int, dname: str, args) -> list[dict]:
+    """Sweep the three kernels at one shape and dtype; print each table and return its records."""
+    from sae_core import kernels
+
+    d, L, k = cfg["d"], cfg["latents"], cfg["k"]
+    dtype = bench.DTYPES[dname]
+    idx, acts, W, gy = bench.make_inputs(cfg, N, dtype, args.skew, args.seed)
+    w32 = acts.float()
+    calls = {
+        "gather_sum": lambda: kernels.triton_gather_sum(idx, acts, W),
+        "gather_dot": lambda: kernels.triton_gather_dot(idx, W, gy),
+        "scatter_rows": lambda: kernels.triton_scatter_rows(idx, w32, gy, L),
+    }
+    records = []
+    for op, call in calls.items():
+        nbytes = bench.min_traffic(op, N, k, d, L, W.element_size())
+        results = sweep(op, call, args.min_time)
+        default_ms = next(ms for t, ms in results if t == kernels.TILES[op])
+        print(f"\n== {op}, {dname}  (minimum traffic {nbytes / 1e9:.2f} GB)")
+        for tiling, ms in results:
+            mark = "  <- default" if tiling == kernels.TILES[op] else ""
+            print(f"  {str(tiling):<52}{ms:9.3f} ms {nbytes / ms / 1e6:8.0f} GB/s {default_ms / ms:6.2f}x{mark}")
+            records.append(dict(op=op, dtype=dname, tiling=tiling, ms=ms, gbps=nbytes / ms / 1e6))
+        best, best_ms = results[0]
+        print(f"  best: TILES[{op!r}] = {best}  ({default_ms / best_ms:.2f}x the default)")
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.kernels_tune: no CUDA GPU here; these are GPU timings, run it on a machine with one",
+              file=sys.stderr)
+        return 1
+    cfg = bench.SHAPES[args.shape]
+    d, L, k, N = cfg["d"], cfg["latents"], cfg["k"], args.tokens
+    print(f"GPU {torch.cuda.get_device_name(0)}; {args.shape}: d_in {d}, latents {L}, k {k}, tokens {N}, "
+          f"skew {args.skew}")
+    records = []
+    for dname in args.dtypes:
+        records += tune(cfg, N, dname, args)
+        torch.cuda.empty_cache()
+    cmd = "python -m benchmarks.kernels_tune " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(dict(command=cmd, args=vars(args), records=records), f, indent=1)
+    print(f"\nreproduce: {cmd.rstrip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
