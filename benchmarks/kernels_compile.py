@@ -36,9 +36,14 @@ _INT = "i32"
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kernel: str  # name in sae_core.kernels
+    op: str  # gather_sum, gather_dot or scatter_rows (a key of sae_core.kernels.TILES)
     pointers: dict  # pointer argument -> Triton element type
     label: str  # the call site it stands for
+
+    @property
+    def kernel(self) -> str:
+        """The kernel's name in sae_core.kernels."""
+        return f"_{self.op}_kernel"
 
 
 def cases() -> list[Case]:
@@ -46,14 +51,14 @@ def cases() -> list[Case]:
     out = []
     for dt in ("bf16", "fp16", "fp32", "fp64"):
         # decoder forward (acts cast to W_dec's dtype) and encoder backward to x (g cast to W_enc's).
-        out.append(Case("_gather_sum_kernel", dict(idx_ptr="i64", w_ptr=dt, W_ptr=dt, out_ptr=dt), f"W {dt}"))
+        out.append(Case("gather_sum", dict(idx_ptr="i64", w_ptr=dt, W_ptr=dt, out_ptr=dt), f"W {dt}"))
         # decoder backward to the activations: grad_y has W_dec's dtype.
-        out.append(Case("_gather_dot_kernel", dict(idx_ptr="i64", W_ptr=dt, rows_ptr=dt, out_ptr=dt), f"W {dt}"))
+        out.append(Case("gather_dot", dict(idx_ptr="i64", W_ptr=dt, rows_ptr=dt, out_ptr=dt), f"W {dt}"))
         # decoder / encoder backward to the weights: fp32 weights (fp64 for fp64), rows in the SAE's dtype.
         acc = "fp64" if dt == "fp64" else "fp32"
         out.append(
             Case(
-                "_scatter_rows_kernel",
+                "scatter_rows",
                 dict(seg_ptr="i64", tok_ptr="i64", w_ptr=acc, rows_ptr=dt, out_ptr=acc),
                 f"rows {dt}",
             )
@@ -84,14 +89,11 @@ class Result:
         return out
 
 
-_OPS = {"_gather_sum_kernel": "gather_sum", "_gather_dot_kernel": "gather_dot", "_scatter_rows_kernel": "scatter_rows"}
-
-
 def _launch(kernels, case: Case, tiles: dict | None) -> tuple[dict, dict]:
     """(constexprs, compile options) the wrapper passes at the Llama-3 shape."""
     import triton.language as tl
 
-    cfg = kernels.launch_config(_OPS[case.kernel], D, K, tiles)
+    cfg = kernels.launch_config(case.op, D, K, tiles)
     options = {k: cfg.pop(k) for k in ("num_warps", "enable_fp_fusion")}
     cfg["ACC"] = tl.float64 if "fp64" in case.pointers.values() else tl.float32
     return cfg, options
@@ -161,9 +163,7 @@ def compile_case(case: Case, arch: int, aligned: bool, tiles: dict | None = None
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options=options
-        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         usage = _resources(compiled.asm["cubin"])
     except Exception as e:  # noqa: BLE001 - reported, the caller decides
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -27,7 +27,9 @@ def _needs_compiled_kernels():
 def test_every_kernel_compiles_without_spills(arch):
     _needs_compiled_kernels()
     results = [kernels_compile.compile_case(c, arch, aligned) for c in kernels_compile.cases() for aligned in (True, False)]
-    assert {r.case.kernel for r in results} == {"_gather_sum_kernel", "_gather_dot_kernel", "_scatter_rows_kernel"}
+    from sae_core import kernels
+
+    assert {r.case.op for r in results} == set(kernels.TILES)  # every kernel is checked
     problems = [f"sm_{arch} {r.case.kernel} {r.case.label} aligned={r.aligned}: {p}" for r in results for p in r.problems()]
     assert not problems, "\n".join(problems)
     for r in results:
@@ -41,12 +43,11 @@ def test_every_tiling_the_tuner_tries_compiles_without_spills():
     _needs_compiled_kernels()
     from benchmarks.kernels_tune import CANDIDATES
 
-    ops = {"_gather_sum_kernel": "gather_sum", "_gather_dot_kernel": "gather_dot", "_scatter_rows_kernel": "scatter_rows"}
     problems = []
     for case in kernels_compile.cases():
         if not case.label.endswith(("fp32", "bf16")):
             continue
-        for tiles in CANDIDATES[ops[case.kernel]]:
+        for tiles in CANDIDATES[case.op]:
             r = kernels_compile.compile_case(case, 90, aligned=True, tiles=tiles)
             problems += [f"{case.kernel} {case.label} {tiles}: {p}" for p in r.problems()]
     assert not problems, "\n".join(problems)
@@ -69,7 +70,7 @@ def test_row_load_width_is_read_from_the_layout():
 def test_a_kernel_that_does_not_compile_is_reported(monkeypatch):
     """A compilation error becomes a reported problem, not a crash of the whole check."""
     _needs_compiled_kernels()
-    case = kernels_compile.Case("_gather_sum_kernel", dict(idx_ptr="i64", w_ptr="bf16", W_ptr="bf16", out_ptr="bf16"), "bad")
+    case = kernels_compile.Case("gather_sum", dict(idx_ptr="i64", w_ptr="bf16", W_ptr="bf16", out_ptr="bf16"), "bad")
     from sae_core import kernels
 
     monkeypatch.setitem(kernels.TILES, "gather_sum", {**kernels.TILES["gather_sum"], "BLOCK_N": 3})  # not a power of 2
