@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU check of the Triton kernels in one go, for a session that is lent a GPU. Prepare here
-# (PyPI reachable) with `bash benchmarks/gpu_wheels.sh`, then on the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
-# About 6 minutes on an H200. Needs only torch, triton and safetensors, which the GPU machine has;
-# the wheels in .whl/ (eai-sparsify and what it imports) are installed if carried. Each step has its
-# own time limit, so one that hangs leaves the others' numbers; logs and JSON land in $OUT.
+# Every GPU check in one go, for a session that is lent a GPU. Prepare here (PyPI reachable) with
+# `bash benchmarks/gpu_wheels.sh`, then on the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# About 7-8 minutes on an H200; `bash benchmarks/gpu_check.sh 2 5` reruns only steps 2 and 5.
+# Needs torch, triton, transformers and safetensors, which the GPU machine has; the wheels in .whl/
+# (zarr and numcodecs for the store, eai-sparsify, what they import) are installed if carried.
+# Each step has its own time limit, so one that hangs leaves the others' numbers; logs and JSON
+# land in $OUT.
 #   1. the Triton kernels, compiled, against the torch reference (tests/kernels_interpret.py);
 #   2. benchmarks/kernels.py: each primitive vs torch vs dense at the Llama-3-8B and a small shape,
 #      bf16 and fp32, the whole decoder fwd+bwd, and a training step against eai-sparsify;
 #   3. benchmarks/kernels_tune.py: the tile sizes of each kernel at the Llama-3-8B shape;
 #   4. benchmarks/auxk.py: AuxK dense over the dead latents vs sparse, at the Llama-3-8B shape
-#      (to set sae_core.sae.AUXK_DENSE_RATIO["cuda"], an estimate until then).
-# (The collection and training benchmarks need the embedded SmolLM2, a 98 MB file: over the 64 MiB
-# a device call can carry, so their GPU figures need a model the GPU machine can reach.)
+#      (to set sae_core.sae.AUXK_DENSE_RATIO["cuda"], an estimate until then);
+#   5. benchmarks/gpu_pipeline.py: actcache collect + saetrain fit + evaluate on CUDA through the
+#      CLIs (a random Llama: the embedded SmolLM2, 98 MB, is over the 64 MiB a call can carry),
+#      held-out FVU against the same fit on the CPU.
 set -uo pipefail
+STEPS=${*:-1 2 3 4 5}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -22,12 +26,21 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-echo "== 1. kernels vs torch reference (compiled)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels_interpret.py 2>&1 | tee "$OUT/pytest.log" | tail -15
-echo "== 2. kernel benchmark"
-timeout 240 python3 -m benchmarks.kernels --out-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
-echo "== 3. tile sweep"
-timeout 120 python3 -m benchmarks.kernels_tune --out-json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
-echo "== 4. AuxK, dense vs sparse"
-timeout 90 python3 -m benchmarks.auxk --d-in 4096 --latents 131072 --k 192 --tokens 4096 --repeats 3 \
-  --dead-fracs 0.005,0.05,0.1,0.25,0.5 2>&1 | tee "$OUT/auxk.log"
+step() { [[ " $STEPS " == *" $1 "* ]] && echo "== $1. $2 ($(date +%T))"; }
+if step 1 "kernels vs torch reference (compiled)"; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels_interpret.py 2>&1 | tee "$OUT/pytest.log" | tail -15
+fi
+if step 2 "kernel benchmark"; then
+  timeout 240 python3 -m benchmarks.kernels --out-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+fi
+if step 3 "tile sweep"; then
+  timeout 120 python3 -m benchmarks.kernels_tune --out-json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
+fi
+if step 4 "AuxK, dense vs sparse"; then
+  timeout 90 python3 -m benchmarks.auxk --d-in 4096 --latents 131072 --k 192 --tokens 4096 --repeats 3 \
+    --dead-fracs 0.005,0.05,0.1,0.25,0.5 2>&1 | tee "$OUT/auxk.log"
+fi
+if step 5 "collect + fit on CUDA through the CLIs"; then
+  timeout 180 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
+fi
+echo "== done ($(date +%T))"

@@ -18,3 +18,18 @@ def test_auxk_benchmark_times_both_ways_and_restores_the_threshold(capsys):
     # 3 of 64 dead (k_aux 8 -> 3 selected, 1 per selected: dense); all 64 dead (8 per selected: dense at ratio 8).
     assert [(int(r[0]), r[5]) for r in rows] == [(3, "dense"), (64, "dense")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_gpu_pipeline_runs_on_cpu(tmp_path, capsys):
+    """benchmarks/gpu_pipeline.py (step 5 of gpu_check.sh) works through the CLIs, tried on the CPU."""
+    from benchmarks import gpu_pipeline
+
+    rc = gpu_pipeline.main(["--device", "cpu", "--layers", "2", "--d-model", "64", "--tokens", "20000",
+                            "--ctx-len", "128", "--batch-size", "512", "--epochs", "1", "--keep", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "ok: both stages ran end to end" in out
+    rows = re.findall(r"^  (layer_\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["layer_0", "layer_1"]
+    assert all(0 < float(r[1]) < 1 for r in rows)
+    assert (tmp_path / "acts.zarr").is_dir() and (tmp_path / "run-cpu" / "layer_0").is_dir()

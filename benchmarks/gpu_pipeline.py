@@ -1,0 +1,158 @@
+"""Both stages end to end through their CLIs on a CUDA GPU, on a model that needs no download.
+
+The embedded SmolLM2 (98 MB) is too large to carry to a lent GPU machine, so this builds a random
+Llama from a transformers config (`--layers` layers, d_model `--d-model`, a byte-level tokenizer)
+and a generated corpus (Zipf-distributed words, `--tokens` of them), then runs, as a user would:
+
+  1. `actcache collect --device cuda` of every layer, then `actcache verify`;
+  2. `saetrain fit --device cuda` (Triton kernels, bf16 autocast, fused Adam), with a holdout;
+  3. the same fit with `--device cpu` on the same store;
+  4. `saetrain evaluate` of both runs,
+
+and checks that every command succeeds, that the store verifies, and that the held-out FVU per
+layer is finite, below 1 (better than the mean) and within `--fvu-rtol` between GPU and CPU. Prints
+the wall time of each command and the tokens/s the CLIs report.
+
+    python -m benchmarks.gpu_pipeline [--tokens 200000] [--keep DIR]
+
+With no CUDA GPU it prints one line and exits with status 1 (`--device cpu` runs both fits on the
+CPU, for trying the script out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="device of the collection and the first fit")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=200_000, help="corpus size in byte tokens")
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--expansion-factor", type=int, default=8)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--fvu-rtol", type=float, default=0.15,
+                   help="largest relative difference of a layer's held-out FVU between the device and the CPU")
+    p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    return p.parse_args(argv)
+
+
+def make_model(path: Path, layers: int, d_model: int) -> None:
+    """A random Llama with a byte-level tokenizer (256 bytes + EOS), saved like a Hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers,
+                      num_attention_heads=max(1, d_model // 64), num_key_value_heads=max(1, d_model // 64),
+                      vocab_size=257, max_position_embeddings=4096)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+
+
+def make_corpus(path: Path, tokens: int, seed: int = 0) -> None:
+    """Text files of Zipf-distributed words from a fixed vocabulary: about `tokens` bytes in all."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(5000)]
+    probs = 1.0 / np.arange(1, len(words) + 1)
+    probs /= probs.sum()
+    path.mkdir(parents=True)
+    per_doc = 20_000
+    for i in range(math.ceil(tokens / per_doc)):
+        text, n = [], 0
+        while n < per_doc:
+            line = " ".join(words[j] for j in rng.choice(len(words), size=12, p=probs)) + "\n"
+            text.append(line)
+            n += len(line)
+        (path / f"doc{i:03d}.txt").write_text("".join(text))
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, str]:
+    """Run a CLI command (from the repository root), log its output; (wall time, stdout)."""
+    print("$ " + shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    seconds = time.perf_counter() - t0
+    log.write_text(proc.stdout + proc.stderr)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
+    print(f"  {seconds:.1f} s, exit {proc.returncode}\n  " + tail.replace("\n", "\n  "), flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_pipeline: {cmd[2]} {cmd[3]} failed (exit {proc.returncode}); log in {log}")
+    return seconds, proc.stdout
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("benchmarks.gpu_pipeline: no CUDA GPU here; run it on a machine with one (or --device cpu)",
+              file=sys.stderr)
+        return 1
+    work = args.keep or Path(tempfile.mkdtemp(prefix="gpu-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    make_model(work / "model", args.layers, args.d_model)
+    make_corpus(work / "corpus", args.tokens)
+    store = work / "acts.zarr"
+    times = {}
+    times["collect"], _ = run([py, "-m", "actcache", "collect", "--model", str(work / "model"), "--dataset",
+                            str(work / "corpus"), "--layers", "all", "--ctx-len", str(args.ctx_len),
+                            "--device", args.device, "--out", str(store)], work / "collect.log")
+    times["verify"], _ = run([py, "-m", "actcache", "verify", str(store)], work / "verify.log")
+    fit = ["--store", str(store), "--k", str(args.k), "--expansion-factor", str(args.expansion_factor),
+           "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--holdout", "0.05",
+           "--lr-warmup-steps", "20", "--seed", "0", "--no-progress"]
+    fvu = {}
+    for device in dict.fromkeys([args.device, "cpu"]):
+        out = work / f"run-{device.replace(':', '')}"
+        times[f"fit {device}"], _ = run([py, "-m", "saetrain", "fit", *fit, "--device", device, "--out", str(out)],
+                                        work / f"fit-{device}.log")
+        _, report = run([py, "-m", "saetrain", "evaluate", str(out), "--json"], work / f"evaluate-{device}.log")
+        fvu[device] = json.loads(report)  # {layer: held-out FVU}
+
+    print(f"\nheld-out FVU per layer ({args.device} vs cpu):")
+    problems = []
+    for layer, f_dev in fvu[args.device].items():
+        f_cpu = fvu["cpu"][layer]
+        print(f"  {layer:<10}{f_dev:8.4f}{f_cpu:8.4f}")
+        if not (math.isfinite(f_dev) and f_dev < 1):
+            problems.append(f"{layer}: FVU {f_dev} on {args.device} (want finite, < 1)")
+        if abs(f_dev - f_cpu) > args.fvu_rtol * max(f_dev, f_cpu):
+            problems.append(f"{layer}: FVU {f_dev:.4f} on {args.device} vs {f_cpu:.4f} on cpu (rtol {args.fvu_rtol})")
+    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    print("\n".join(["FAILED:"] + problems) if problems else "ok: both stages ran end to end")
+    print(f"work folder: {work}" if args.keep else "")
+    print("reproduce: python -m benchmarks.gpu_pipeline " + shlex.join(sys.argv[1:] if argv is None else argv))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
