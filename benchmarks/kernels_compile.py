@@ -73,7 +73,7 @@ class Result:
     aligned: bool
     regs: int | None = None
     local_bytes: int | None = None  # spills and stack (per thread)
-    shared_bytes: int | None = None
+    shared_bytes: int | None = None  # static and dynamic, per program
     row_load: int | None = None  # bytes per thread per load instruction from the gathered rows
     seconds: float = 0.0
     error: str | None = None
@@ -124,9 +124,10 @@ _ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i32": 4, "i64": 8}
 def row_load_bytes(ttgir: str) -> int | None:
     """Bytes each thread loads per instruction from the gathered rows: the narrowest 2-D load.
 
-    The gathered rows are the kernels' only 2-D loads (`tensor<BxDx!tt.ptr<T>, #layout>`); the
-    layout's `sizePerThread` along the row is the vector width Triton's coalescing pass derived
-    from what it could prove about alignment, and the PTX loads follow it.
+    The gathered rows are the kernels' only 2-D loads (`tensor<BxDx!tt.ptr<T>, #layout>`), plain
+    (`tt.load`) or, in a software-pipelined loop (STAGES > 1), asynchronous copies to shared
+    memory; the layout's `sizePerThread` along the row is the vector width Triton's coalescing
+    pass derived from what it could prove about alignment, and the PTX loads follow it.
     """
     layouts = {
         name: [int(v) for v in per_thread.split(",")]
@@ -134,7 +135,9 @@ def row_load_bytes(ttgir: str) -> int | None:
     }
     widths = [
         layouts[layout][-1] * _ELEM_BYTES[elem]
-        for elem, layout in re.findall(r"= tt\.load .*: tensor<\d+x\d+x!tt\.ptr<(\w+)>, #(\w+)>", ttgir)
+        for elem, layout in re.findall(
+            r"= (?:tt\.load|ttg\.async_copy_global_to_local) .*: tensor<\d+x\d+x!tt\.ptr<(\w+)>, #(\w+)>", ttgir
+        )
     ]
     return min(widths) if widths else None
 
@@ -172,7 +175,7 @@ def compile_case(case: Case, arch: int, aligned: bool, tiles: dict | None = None
         res.seconds = time.perf_counter() - t0
     res.regs = usage.get("REG")
     res.local_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-    res.shared_bytes = usage.get("SHARED")
+    res.shared_bytes = max(usage.get("SHARED", 0), getattr(compiled.metadata, "shared", 0) or 0)
     res.row_load = row_load_bytes(compiled.asm["ttgir"])
     return res
 
@@ -189,13 +192,14 @@ def main(argv=None) -> int:
     import triton
 
     print(f"triton {triton.__version__}, ptxas from {_tools_dir()}")
-    print(f"{'arch':>5} {'kernel':<22} {'dtypes':<10} {'aligned':<8} {'regs':>4} {'local':>5} {'row B':>6} {'s':>5}  problems")
+    print(f"{'arch':>5} {'kernel':<22} {'dtypes':<10} {'aligned':<8} {'regs':>4} {'local':>5} {'smem':>6} {'row B':>6} {'s':>5}  problems")
     bad = 0
     for r in compile_all(tuple(int(a) for a in args.arch.split(","))):
         problems = r.problems()
         bad += bool(problems)
         print(f"sm_{r.arch:<3} {r.case.kernel.strip('_'):<22} {r.case.label:<10} {str(r.aligned):<8} "
               f"{r.regs if r.regs is not None else '-':>4} {r.local_bytes if r.local_bytes is not None else '-':>5} "
+              f"{r.shared_bytes if r.shared_bytes is not None else '-':>6} "
               f"{r.row_load if r.row_load is not None else '-':>6} {r.seconds:5.1f}  {'; '.join(problems)}")
     print(f"{bad} problem(s)" if bad else "all compiled, no spills, 16-byte row loads where aligned")
     print("reproduce: python -m benchmarks.kernels_compile --arch " + args.arch)

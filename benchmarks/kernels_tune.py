@@ -23,19 +23,26 @@ import torch
 
 from benchmarks import kernels as bench
 
-# (tile constexprs, num_warps) to try per kernel; the defaults of sae_core.kernels.TILES are added.
+# Tilings to try per kernel (the defaults of sae_core.kernels.TILES are added): tile shapes with
+# plain loads, then software pipelining (STAGES 2, 3) of the default tile and of a narrower one.
 CANDIDATES = {
     "gather_sum": [
-        dict(BLOCK_N=n, BLOCK_D=dd, num_warps=w)
-        for n, dd, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+        dict(BLOCK_N=n, BLOCK_D=dd, STAGES=st, num_warps=w)
+        for n, dd, st, w in [(4, 512, 1, 4), (8, 256, 1, 4), (8, 512, 1, 4), (16, 256, 1, 8), (16, 512, 1, 8),
+                             (32, 128, 1, 4), (32, 256, 1, 8),
+                             (16, 256, 2, 4), (16, 256, 3, 4), (8, 256, 2, 4), (8, 256, 3, 4)]
     ],
     "gather_dot": [
-        dict(BLOCK_K=kk, BLOCK_D=dd, num_warps=w)
-        for kk, dd, w in [(16, 128, 4), (16, 256, 4), (32, 64, 4), (32, 256, 8), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
+        dict(BLOCK_K=kk, BLOCK_D=dd, STAGES=st, num_warps=w)
+        for kk, dd, st, w in [(16, 128, 1, 4), (16, 256, 1, 4), (32, 64, 1, 4), (32, 256, 1, 8), (64, 64, 1, 4),
+                              (64, 128, 1, 8), (128, 64, 1, 8),
+                              (32, 128, 2, 4), (32, 128, 3, 4), (64, 64, 2, 4), (64, 64, 3, 4)]
     ],
     "scatter_rows": [
-        dict(BLOCK_S=s, BLOCK_D=dd, num_warps=w)
-        for s, dd, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+        dict(BLOCK_S=s, BLOCK_D=dd, STAGES=st, num_warps=w)
+        for s, dd, st, w in [(4, 512, 1, 4), (8, 256, 1, 4), (8, 512, 1, 4), (16, 128, 1, 4), (16, 512, 1, 8),
+                             (32, 128, 1, 4), (32, 256, 1, 8),
+                             (16, 256, 2, 4), (16, 256, 3, 4), (8, 256, 2, 4), (8, 256, 3, 4)]
     ],
 }
 
@@ -95,7 +102,7 @@ def tune(cfg: dict, N: int, dname: str, args) -> list[dict]:
         print(f"\n== {op}, {dname}  (minimum traffic {nbytes / 1e9:.2f} GB)")
         for tiling, ms in results:
             mark = "  <- default" if tiling == kernels.TILES[op] else ""
-            print(f"  {str(tiling):<52}{ms:9.3f} ms {nbytes / ms / 1e6:8.0f} GB/s {default_ms / ms:6.2f}x{mark}")
+            print(f"  {str(tiling):<64}{ms:9.3f} ms {nbytes / ms / 1e6:8.0f} GB/s {default_ms / ms:6.2f}x{mark}")
             records.append(dict(op=op, dtype=dname, tiling=tiling, ms=ms, gbps=nbytes / ms / 1e6))
         best, best_ms = results[0]
         print(f"  best: TILES[{op!r}] = {best}  ({default_ms / best_ms:.2f}x the default)")

@@ -19,9 +19,9 @@ With `indices` `(N, k)` selecting rows of a `(L, d)` matrix `W`:
 All kernels accumulate in fp32 (fp64 when the output dtype is fp64, so `gradcheck` can run);
 inputs may be fp16, bf16, fp32 or fp64 and need not share a dtype (each is cast on load). Other
 dtypes fall back to the torch reference. They use only plain loads/stores, `tl.arange`,
-`tl.zeros` and `tl.sum` (no `tl.dot`, no autotuning), so they run unchanged under the CPU
-interpreter (`TRITON_INTERPRET=1`, set before triton is imported) and on any CUDA GPU Triton
-supports; tile sizes are fixed (`TILES`), which tests may patch to force several blocks.
+`tl.zeros`, `tl.sum` and `tl.range` loops (no `tl.dot`, no autotuning), so they run unchanged
+under the CPU interpreter (`TRITON_INTERPRET=1`, set before triton is imported) and on any CUDA
+GPU Triton supports; tile sizes are fixed (`TILES`), which tests may patch to force several blocks.
 
 Limits: indices are not range-checked (the torch reference raises on an out-of-range index;
 here an index outside `[0, L)` reads out of bounds in the gathers and is ignored by
@@ -45,17 +45,19 @@ from . import ops
 # `triton.jit` decorates them, i.e. when this module is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Fixed tile sizes of each kernel (no autotuning: it cannot run in the interpreter and these kernels
-# are bandwidth-bound gathers whose tiles only need to be wide enough to coalesce), read at call time
-# (tests and benchmarks/kernels_tune.py replace entries); powers of two. BLOCK_D and BLOCK_K are caps:
-# a launch uses the smallest power of two >= d (or k), at least 16, up to the cap.
+# Fixed tile sizes of each kernel (no autotuning: it cannot run in the interpreter, and a first
+# training step that tunes is slow), read at call time (tests and benchmarks/kernels_tune.py
+# replace entries); powers of two. BLOCK_D and BLOCK_K are caps: a launch uses the smallest power
+# of two >= d (or k), at least 16, up to the cap. STAGES > 1 software-pipelines the kernel's loop
+# (the next iterations' gathers in flight through shared memory while one is summed); 1 leaves it
+# to plain vectorised loads, which the defaults keep until a GPU measures the difference.
 TILES = {
     # BLOCK_N tokens x BLOCK_D of d per program, looping over the k selections
-    "gather_sum": dict(BLOCK_N=16, BLOCK_D=256, num_warps=4),
+    "gather_sum": dict(BLOCK_N=16, BLOCK_D=256, STAGES=1, num_warps=4),
     # one token x BLOCK_K selections per program, looping over d in steps of BLOCK_D
-    "gather_dot": dict(BLOCK_K=32, BLOCK_D=128, num_warps=4),
+    "gather_dot": dict(BLOCK_K=32, BLOCK_D=128, STAGES=1, num_warps=4),
     # one latent x BLOCK_D of d per program, summing its segment BLOCK_S entries at a time
-    "scatter_rows": dict(BLOCK_S=16, BLOCK_D=256, num_warps=4),
+    "scatter_rows": dict(BLOCK_S=16, BLOCK_D=256, STAGES=1, num_warps=4),
 }
 
 
@@ -77,14 +79,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @triton.jit
 def _gather_sum_kernel(
     idx_ptr, w_ptr, W_ptr, out_ptr, N, K, D, stride_W, stride_out,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-    for j in range(0, K):
+    for j in tl.range(0, K, num_stages=STAGES):
         idx = tl.load(idx_ptr + offs_n * K + j, mask=mask_n, other=0).to(tl.int64)
         w = tl.load(w_ptr + offs_n * K + j, mask=mask_n, other=0).to(ACC)
         rows = tl.load(W_ptr + idx[:, None] * stride_W + offs_d[None, :], mask=mask, other=0)
@@ -96,14 +98,14 @@ def _gather_sum_kernel(
 @triton.jit
 def _gather_dot_kernel(
     idx_ptr, W_ptr, rows_ptr, out_ptr, K, D, stride_W, stride_rows,
-    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     idx = tl.load(idx_ptr + n * K + offs_k, mask=mask_k, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         r = tl.load(rows_ptr + n * stride_rows + offs_d, mask=mask_d, other=0).to(ACC)
@@ -119,7 +121,7 @@ def _gather_dot_kernel(
 @triton.jit
 def _scatter_rows_kernel(
     seg_ptr, tok_ptr, w_ptr, rows_ptr, out_ptr, D, stride_rows, stride_out,
-    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     latent = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -127,7 +129,7 @@ def _scatter_rows_kernel(
     start = tl.load(seg_ptr + latent)
     end = tl.load(seg_ptr + latent + 1)
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC)
-    for s0 in range(start, end, BLOCK_S):
+    for s0 in tl.range(start, end, BLOCK_S, num_stages=STAGES):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < end
         tok = tl.load(tok_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)

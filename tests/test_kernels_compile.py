@@ -64,6 +64,8 @@ def test_row_load_width_is_read_from_the_layout():
 """
     assert kernels_compile.row_load_bytes(ttgir) == 16
     assert kernels_compile.row_load_bytes(ttgir + "  %c = tt.load %r : tensor<32x128x!tt.ptr<f32>, #blocked1>\n") == 4
+    pipelined = "  %d = ttg.async_copy_global_to_local %r, %s mask %m : tensor<16x256x!tt.ptr<f32>, #blocked1> -> <16x256xf32>\n"
+    assert kernels_compile.row_load_bytes(ttgir + pipelined) == 4
     assert kernels_compile.row_load_bytes("") is None
 
 
