@@ -18,9 +18,11 @@ One run prints, for each shape (`llama3-8b`: d_in 4096, 131072 latents, k 192; `
      kernels are gathers, bound by bandwidth, so GB/s against HBM is their figure of merit);
   3. a whole SAE training step, in tokens/s: `sae_core.Sae.forward` (bf16 autocast, fp32
      weights) + backward + decoder-gradient projection + fused Adam + decoder renorm, with the
-     Triton and the torch primitives, against EleutherAI's `sparsify.SparseCoder` doing the same
-     step when eai-sparsify is importable (skipped otherwise); once without dead latents and once
-     with `--dead-frac` of them dead, so that AuxK (k_aux = d_in / 2) runs.
+     Triton primitives (gathering bf16 copies of the weights, the default under autocast, and
+     gathering the fp32 weights: `sae_core.sae.AUTOCAST_GATHERS`) and the torch ones, against
+     EleutherAI's `sparsify.SparseCoder` doing the same step when eai-sparsify is importable
+     (skipped otherwise); once without dead latents and once with `--dead-frac` of them dead,
+     so that AuxK (k_aux = d_in / 2) runs.
 
 Indices are sampled like top-k selections (k distinct latents per token); `--skew s` makes
 latent popularity follow a power law of exponent s (0 = uniform), which lengthens the segments
@@ -315,6 +317,7 @@ def load_sparsify():
 
 
 def train(report: Report, name, cfg, tokens, args, eai):
+    import sae_core.sae as sae_module
     from sae_core import Sae, SaeConfig
 
     d, L, k = cfg["d"], cfg["latents"], cfg["k"]
@@ -322,49 +325,56 @@ def train(report: Report, name, cfg, tokens, args, eai):
     x = torch.randn(tokens, d, device=DEVICE, generator=gen).to(torch.bfloat16)  # LM activations are bf16
     if eai is None:
         print("  eai-sparsify: not importable here (see above); skipped")
-    for dead_frac in (0.0, args.dead_frac):
-        dead = None
-        if dead_frac > 0:
-            dead = torch.zeros(L, dtype=torch.bool, device=DEVICE)
-            dead[torch.randperm(L, device=DEVICE, generator=gen)[: int(dead_frac * L)]] = True
-        label = f"{int(dead.sum()) if dead is not None else 0} dead latents"
-        runs = [("ours (triton)", "triton", None), ("ours (torch)", "torch", None)]
-        if eai is not None:
-            runs.append((f"eai-sparsify {eai[2]}", None, eai))
-        for impl, backend, eai_mod in runs:
-            torch.manual_seed(args.seed)
-            if eai_mod is None:
-                sae = Sae(d, SaeConfig(expansion_factor=L // d, num_latents=L, k=k), device=DEVICE)
-            else:
-                sae = eai_mod[0](d, eai_mod[1](expansion_factor=L // d, num_latents=L, k=k), device=DEVICE)
-            opt = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
+    default_gathers = sae_module.AUTOCAST_GATHERS
+    try:
+        for dead_frac in (0.0, args.dead_frac):
+            dead = None
+            if dead_frac > 0:
+                dead = torch.zeros(L, dtype=torch.bool, device=DEVICE)
+                dead[torch.randperm(L, device=DEVICE, generator=gen)[: int(dead_frac * L)]] = True
+            label = f"{int(dead.sum()) if dead is not None else 0} dead latents"
+            # (label, SAE_CORE_KERNELS, sae_core.sae.AUTOCAST_GATHERS, eai-sparsify or None)
+            runs = [("ours (triton)", "triton", True, None), ("ours (triton, fp32 gathers)", "triton", False, None),
+                    ("ours (torch)", "torch", True, None)]
+            if eai is not None:
+                runs.append((f"eai-sparsify {eai[2]}", None, True, eai))
+            for impl, backend, autocast_gathers, eai_mod in runs:
+                sae_module.AUTOCAST_GATHERS = autocast_gathers
+                torch.manual_seed(args.seed)
+                if eai_mod is None:
+                    sae = Sae(d, SaeConfig(expansion_factor=L // d, num_latents=L, k=k), device=DEVICE)
+                else:
+                    sae = eai_mod[0](d, eai_mod[1](expansion_factor=L // d, num_latents=L, k=k), device=DEVICE)
+                opt = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
 
-            def step(sae=sae, opt=opt, dead=dead):
-                with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                    out = sae(x, dead_mask=dead)
-                    loss = out.fvu + out.auxk_loss / 32
-                loss.backward()
-                sae.remove_gradient_parallel_to_decoder_directions()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sae.set_decoder_norm_to_unit_norm()
+                def step(sae=sae, opt=opt, dead=dead):
+                    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                        out = sae(x, dead_mask=dead)
+                        loss = out.fvu + out.auxk_loss / 32
+                    loss.backward()
+                    sae.remove_gradient_parallel_to_decoder_directions()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sae.set_decoder_norm_to_unit_norm()
 
-            with kernels_env(backend) if backend else contextlib.nullcontext():
-                for _ in range(args.train_warmup):
-                    step()
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(args.train_steps):
-                    step()
-                sync()
-                seconds = time.perf_counter() - t0
-            tps = tokens * args.train_steps / seconds
-            ms = 1e3 * seconds / args.train_steps
-            report.records.append(dict(kind="train", shape=name, impl=impl, dead=label, tokens=tokens,
-                                       ms_per_step=ms, tokens_per_s=tps))
-            print(f"  {impl:<24}{label:<22}{ms:10.2f} ms/step {tps:14,.0f} tokens/s")
-            del sae, opt
-            torch.cuda.empty_cache()
+                with kernels_env(backend) if backend else contextlib.nullcontext():
+                    for _ in range(args.train_warmup):
+                        step()
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(args.train_steps):
+                        step()
+                    sync()
+                    seconds = time.perf_counter() - t0
+                tps = tokens * args.train_steps / seconds
+                ms = 1e3 * seconds / args.train_steps
+                report.records.append(dict(kind="train", shape=name, impl=impl, dead=label, tokens=tokens,
+                                           ms_per_step=ms, tokens_per_s=tps))
+                print(f"  {impl:<30}{label:<22}{ms:10.2f} ms/step {tps:14,.0f} tokens/s")
+                del sae, opt
+                torch.cuda.empty_cache()
+    finally:
+        sae_module.AUTOCAST_GATHERS = default_gathers
 
 
 def main(argv=None) -> int:

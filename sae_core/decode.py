@@ -14,28 +14,38 @@ from . import ops
 
 class _Decode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(indices, acts, W_dec)
-        return ops.gather_sum(indices, acts, W_dec)
+    def forward(ctx, indices: Tensor, acts: Tensor, W_dec: Tensor, W_read: Tensor | None) -> Tensor:
+        W = W_dec if W_read is None else W_read  # the rows are read from W_read when given
+        ctx.save_for_backward(indices, acts, W)
+        ctx.grad_dtype = W_dec.dtype
+        return ops.gather_sum(indices, acts, W)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        indices, acts, W_dec = ctx.saved_tensors
-        grad_acts = ops.gather_dot(indices, W_dec, grad_y).to(acts.dtype) if ctx.needs_input_grad[1] else None
-        grad_W = ops.scatter_rows(indices, acts.to(torch.promote_types(acts.dtype, torch.float32)), grad_y, W_dec.shape[0]).to(W_dec.dtype) if ctx.needs_input_grad[2] else None
-        return None, grad_acts, grad_W
+        indices, acts, W = ctx.saved_tensors
+        grad_acts = ops.gather_dot(indices, W, grad_y).to(acts.dtype) if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            weights = acts.to(torch.promote_types(acts.dtype, torch.float32))
+            grad_W = ops.scatter_rows(indices, weights, grad_y, W.shape[0]).to(ctx.grad_dtype)
+        return None, grad_acts, grad_W, None
 
 
-def decode(top_indices: Tensor, top_acts: Tensor, W_dec: Tensor) -> Tensor:
-    """Decode `(..., k)` latents with a `(num_latents, d_in)` decoder into `(..., d_in)`."""
+def decode(top_indices: Tensor, top_acts: Tensor, W_dec: Tensor, W_read: Tensor | None = None) -> Tensor:
+    """Decode `(..., k)` latents with a `(num_latents, d_in)` decoder into `(..., d_in)`.
+
+    `W_read`, a copy of `W_dec` in another dtype (under autocast: bf16 of fp32 weights), is what
+    the gathers read, forward and backward, halving their traffic; the result has its dtype, and
+    the gradient still goes to `W_dec`, computed in fp32.
+    """
     lead = top_indices.shape[:-1]
     k = top_indices.shape[-1]
     idx = top_indices.reshape(-1, k)
     acts = top_acts.reshape(-1, k).to(W_dec.dtype)
     if torch.is_grad_enabled() and (acts.requires_grad or W_dec.requires_grad):
-        y = _Decode.apply(idx, acts, W_dec)
+        y = _Decode.apply(idx, acts, W_dec, W_read)
     else:
-        y = ops.gather_sum(idx, acts, W_dec)
+        y = ops.gather_sum(idx, acts, W_dec if W_read is None else W_read)
     return y.reshape(*lead, W_dec.shape[-1])
 
 

@@ -27,6 +27,18 @@ from .errors import UserError
 # FLOP/s over its bandwidth for fp32 row gathers (dense wins up to ~150), not yet measured.
 AUXK_DENSE_RATIO = {"cpu": 8, "cuda": 64}
 
+# Under autocast, the sparse products of `Sae.forward` gather rows from copies of W_enc and W_dec
+# in the autocast dtype (as autocast's matmuls read their weights), halving the bytes the
+# gathers move; gradients still reach the fp32 weights in fp32. False: gather the fp32 weights.
+AUTOCAST_GATHERS = True
+
+
+class _Reads(NamedTuple):
+    """The copies of the weights the sparse gathers read (None: the weights themselves)."""
+
+    W_enc: Tensor | None = None
+    W_dec: Tensor | None = None
+
 
 class EncoderOutput(NamedTuple):
     top_acts: Tensor
@@ -93,7 +105,22 @@ class Sae(nn.Module):
     # ----------------------------------------------------------------------------------- math
     def pre_acts(self, x: Tensor) -> Tensor:
         """ReLU of the encoder applied to `x - b_dec`, `(..., num_latents)`."""
-        return nn.functional.relu(self.encoder(x.to(self.dtype) - self.b_dec))
+        return self._pre_acts(x, _Reads())
+
+    def _pre_acts(self, x: Tensor, reads: _Reads) -> Tensor:
+        W = self.encoder.weight if reads.W_enc is None else reads.W_enc
+        return nn.functional.relu(nn.functional.linear(x.to(self.dtype) - self.b_dec, W, self.encoder.bias))
+
+    def _reads(self) -> _Reads:
+        """Autocast-dtype copies of the weights for this forward's gathers (see AUTOCAST_GATHERS)."""
+        device = self.encoder.weight.device.type
+        if not (AUTOCAST_GATHERS and torch.is_autocast_enabled(device)):
+            return _Reads()
+        lowp = torch.get_autocast_dtype(device)
+        if lowp.itemsize >= self.dtype.itemsize:
+            return _Reads()
+        with torch.no_grad():
+            return _Reads(self.encoder.weight.to(lowp), None if self.W_dec is None else self.W_dec.to(lowp))
 
     def select_topk(self, pre_acts: Tensor, k: int | None = None) -> EncoderOutput:
         return EncoderOutput(*pre_acts.topk(self.cfg.k if k is None else k, dim=-1, sorted=False))
@@ -112,8 +139,8 @@ class Sae(nn.Module):
             raise RuntimeError("this SAE was loaded with decoder=False; reload it with decoder=True to decode")
         return self.W_dec
 
-    def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        return decode(top_indices, top_acts.to(self.dtype), self._decoder())
+    def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor, reads: _Reads = _Reads()) -> Tensor:
+        return decode(top_indices, top_acts.to(self.dtype), self._decoder(), reads.W_dec)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Reconstruct `x` and compute the training losses.
@@ -126,11 +153,12 @@ class Sae(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.d_in).to(self.dtype)
         sae_in = x - self.b_dec
+        reads = self._reads()
         # Dense pre-activations without autograd: only the selected entries get gradients.
         with torch.no_grad():
-            pre_acts = self.pre_acts(x)
-        top_acts, top_indices = self._selected(sae_in, pre_acts, self.cfg.k)
-        sae_out = self.decode(top_acts, top_indices)
+            pre_acts = self._pre_acts(x, reads)
+        top_acts, top_indices = self._selected(sae_in, pre_acts, self.cfg.k, reads)
+        sae_out = self._decode_sparse(top_acts, top_indices, reads) + self.b_dec
         residual = x - sae_out
 
         # Denominator that puts every loss on the scale of the data's variance.
@@ -141,14 +169,14 @@ class Sae(nn.Module):
         if num_dead > 0:
             k_aux = max(self.d_in // 2, 1)
             scale = min(num_dead / k_aux, 1.0)
-            residual_hat = self._auxk_decode(sae_in, pre_acts, dead_mask, num_dead, min(k_aux, num_dead))
+            residual_hat = self._auxk_decode(sae_in, pre_acts, dead_mask, num_dead, min(k_aux, num_dead), reads)
             auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_tensor(0.0)
 
         if self.cfg.multi_topk:
             multi_k = min(4 * self.cfg.k, self.num_latents)
-            multi_out = self.decode(*self._selected(sae_in, pre_acts, multi_k))
+            multi_out = self._decode_sparse(*self._selected(sae_in, pre_acts, multi_k, reads), reads) + self.b_dec
             multi_topk_fvu = (multi_out - x).pow(2).sum() / total_variance
         else:
             multi_topk_fvu = fvu.new_tensor(0.0)
@@ -162,7 +190,9 @@ class Sae(nn.Module):
             multi_topk_fvu,
         )
 
-    def _auxk_decode(self, sae_in: Tensor, pre_acts: Tensor, dead_mask: Tensor, num_dead: int, k: int) -> Tensor:
+    def _auxk_decode(
+        self, sae_in: Tensor, pre_acts: Tensor, dead_mask: Tensor, num_dead: int, k: int, reads: _Reads
+    ) -> Tensor:
         """Decode (without `b_dec`) the top `k` dead latents of each token, with gradients.
 
         With few dead latents per selected one (the usual case: k = d_in / 2 is large) this runs
@@ -173,17 +203,17 @@ class Sae(nn.Module):
         if num_dead > AUXK_DENSE_RATIO.get(sae_in.device.type, 8) * k:
             # k <= num_dead, so no -inf is selected: the values are the dead latents' pre-activations.
             auxk_pre = torch.where(dead_mask[None], pre_acts, -torch.inf)
-            return self._decode_sparse(*self._selected(sae_in, auxk_pre, k))
+            return self._decode_sparse(*self._selected(sae_in, auxk_pre, k, reads), reads)
         dead = dead_mask.nonzero().squeeze(1)
         pre = nn.functional.relu(nn.functional.linear(sae_in, self.encoder.weight[dead], self.encoder.bias[dead]))
         values, indices = pre.topk(k, dim=-1, sorted=False)
         codes = torch.zeros_like(pre).scatter(-1, indices, values)
         return codes @ self._decoder()[dead]
 
-    def _selected(self, sae_in: Tensor, pre_acts: Tensor, k: int) -> EncoderOutput:
+    def _selected(self, sae_in: Tensor, pre_acts: Tensor, k: int, reads: _Reads) -> EncoderOutput:
         """Top-k of the (no-grad) pre-activations, re-attached to autograd with sparse gradients."""
         values, indices = pre_acts.topk(k, dim=-1, sorted=False)
-        acts = selected_encode(sae_in, self.encoder.weight, self.encoder.bias, indices, values)
+        acts = selected_encode(sae_in, self.encoder.weight, self.encoder.bias, indices, values, reads.W_enc)
         return EncoderOutput(acts, indices)
 
     def _check_input(self, x: Tensor) -> None:

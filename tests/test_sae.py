@@ -260,6 +260,56 @@ def test_forward_d_in_one_with_dead_latents(auxk_path):
     assert torch.isfinite(out.auxk_loss)
 
 
+# ------------------------------------------------------------------------------ autocast
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_autocast_gathers_read_low_precision_copies(monkeypatch, auxk_path, multi_topk):
+    """Under autocast the sparse products gather bf16 copies of the weights; the losses and the
+    (fp32) gradients stay those of the same step gathering the fp32 weights, to bf16 accuracy."""
+    import sae_core.sae
+    from sae_core import ops
+
+    seen = []
+    for name in ("gather_sum", "gather_dot"):
+        fn = getattr(ops, name)
+        W_arg = 2 if name == "gather_sum" else 1
+
+        def spy(*a, _fn=fn, _i=W_arg):
+            seen.append(a[_i].dtype)
+            return _fn(*a)
+
+        monkeypatch.setattr(ops, name, spy)
+    x = rand_x(48).float()
+    dead = dead_mask_with(12)
+
+    def step(autocast_gathers):
+        monkeypatch.setattr(sae_core.sae, "AUTOCAST_GATHERS", autocast_gathers)
+        sae = make_sae(dtype=torch.float32, multi_topk=multi_topk)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, dead_mask=dead)
+            (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+        return out, {n: p.grad for n, p in sae.named_parameters()}, set(seen)
+
+    out_lo, grads_lo, dtypes_lo = step(True)
+    out_hi, grads_hi, dtypes_hi = step(False)
+    assert dtypes_lo == {torch.bfloat16} and dtypes_hi == {torch.float32}
+    for name, g in grads_lo.items():
+        assert g.dtype == torch.float32, name
+        assert (g - grads_hi[name]).norm() <= 3e-2 * grads_hi[name].norm(), name
+    for a, b in [(out_lo.fvu, out_hi.fvu), (out_lo.auxk_loss, out_hi.auxk_loss), (out_lo.multi_topk_fvu, out_hi.multi_topk_fvu)]:
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=1e-6)
+    torch.testing.assert_close(out_lo.latent_indices, out_hi.latent_indices)
+
+
+def test_no_copies_without_autocast_or_in_low_precision():
+    sae = make_sae(dtype=torch.float32)
+    assert sae._reads() == (None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reads = sae._reads()
+        assert reads.W_enc.dtype == reads.W_dec.dtype == torch.bfloat16
+        assert make_sae(dtype=torch.bfloat16)._reads() == (None, None)  # already bf16: nothing to copy
+
+
 # --------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("num_dead", [0, 3, 30])
 def test_gradients_match_dense_reference(num_dead, auxk_path):
