@@ -4,7 +4,8 @@
 residual) dense over the dead part of the dictionary while there are at most
 `sae_core.sae.AUXK_DENSE_RATIO[device]` dead latents per selected one, else with the sparse
 products of the main top-k. This times forward + backward of fvu + auxk_loss / 32 both ways,
-alternating them, for several dead fractions, and prints the ratio and which way the threshold picks.
+alternating them, for several dead fractions, and prints the ratio and which way the threshold
+picks ("per select": dead latents per selected one, num_dead / min(k_aux, num_dead)).
 
     python -m benchmarks.auxk [--device cpu] [--d-in 576 --latents 4608 --k 32 --tokens 1024]
 """
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
 
     print(f"{device.type}: d_in {args.d_in}, latents {args.latents}, k {args.k}, tokens {args.tokens}, "
           f"k_aux {k_aux}, threads {torch.get_num_threads()}; AUXK_DENSE_RATIO {threshold}")
-    print(f"{'dead':>7} {'dead/k_aux':>10} {'sparse ms':>10} {'dense ms':>9} {'dense speedup':>14}  threshold picks")
+    print(f"{'dead':>7} {'per select':>10} {'sparse ms':>10} {'dense ms':>9} {'dense speedup':>14}  threshold picks")
     g = torch.Generator().manual_seed(args.seed)
     try:
         for frac in (float(f) for f in args.dead_fracs.split(",")):

@@ -398,6 +398,14 @@ def main(argv=None) -> int:
           f"{triton.__version__}, eai-sparsify {eai[2] if eai else 'not installed'}")
     print(f"tokens {args.tokens}, index skew {args.skew}, TF32 {'on' if args.tf32 else 'off'}; roofline "
           f"{args.peak_tflops_bf16:.0f} TFLOP/s bf16, {args.peak_tflops_fp32:.0f} TFLOP/s fp32, {args.peak_gbps:.0f} GB/s")
+    cmd = "python -m benchmarks.kernels " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def save() -> None:  # after every section, so that a run stopped at a time limit keeps its numbers
+        if args.out_json:
+            with open(args.out_json, "w") as f:
+                json.dump(dict(command=cmd, gpu=props.name, args=vars(args), records=report.records,
+                               failures=report.failures), f, indent=1, default=str)
+
     for name in args.shapes:
         cfg = SHAPES[name]
         desc = f"{name}: d_in {cfg['d']}, latents {cfg['latents']}, k {cfg['k']}, tokens {args.tokens}"
@@ -407,19 +415,17 @@ def main(argv=None) -> int:
                 print(f"\n== correctness, {desc}, {dname}")
                 check(report, name, cfg, args.tokens, dtype, args)
                 torch.cuda.empty_cache()
+                save()
             if not args.skip_primitives:
                 print(f"\n== primitives, {desc}, {dname}")
                 primitives(report, name, cfg, args.tokens, dtype, args)
                 torch.cuda.empty_cache()
+                save()
         if not args.skip_train:
             print(f"\n== training step (fp32 weights, bf16 autocast, Adam), {desc}")
             train(report, name, cfg, args.tokens, args, eai)
-
-    cmd = "python -m benchmarks.kernels " + shlex.join(sys.argv[1:] if argv is None else argv)
+            save()
     if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(dict(command=cmd, gpu=props.name, args=vars(args), records=report.records,
-                           failures=report.failures), f, indent=1, default=str)
         print(f"\nwrote {args.out_json}")
     if report.failures:
         print("\nFAILED:\n  " + "\n  ".join(report.failures))

@@ -50,7 +50,7 @@ def cases() -> list[Case]:
     """Each kernel with the pointer dtypes its callers pass (see decode.py and encode.py)."""
     out = []
     for dt in ("bf16", "fp16", "fp32", "fp64"):
-        # decoder forward (acts cast to W_dec's dtype) and encoder backward to x (g cast to W_enc's).
+        # decoder forward (acts in W_dec's dtype) and, without autocast, encoder backward to x.
         out.append(Case("gather_sum", dict(idx_ptr="i64", w_ptr=dt, W_ptr=dt, out_ptr=dt), f"W {dt}"))
         # decoder backward to the activations: grad_y has W_dec's dtype.
         out.append(Case("gather_dot", dict(idx_ptr="i64", W_ptr=dt, rows_ptr=dt, out_ptr=dt), f"W {dt}"))
@@ -63,6 +63,8 @@ def cases() -> list[Case]:
                 f"rows {dt}",
             )
         )
+    # Under autocast: fp32 weights (activations, encoder gradients) gathering bf16 copies of W.
+    out.append(Case("gather_sum", dict(idx_ptr="i64", w_ptr="fp32", W_ptr="bf16", out_ptr="bf16"), "w fp32 W bf16"))
     return out
 
 
@@ -192,12 +194,12 @@ def main(argv=None) -> int:
     import triton
 
     print(f"triton {triton.__version__}, ptxas from {_tools_dir()}")
-    print(f"{'arch':>5} {'kernel':<22} {'dtypes':<10} {'aligned':<8} {'regs':>4} {'local':>5} {'smem':>6} {'row B':>6} {'s':>5}  problems")
+    print(f"{'arch':>5} {'kernel':<22} {'dtypes':<14} {'aligned':<8} {'regs':>4} {'local':>5} {'smem':>6} {'row B':>6} {'s':>5}  problems")
     bad = 0
     for r in compile_all(tuple(int(a) for a in args.arch.split(","))):
         problems = r.problems()
         bad += bool(problems)
-        print(f"sm_{r.arch:<3} {r.case.kernel.strip('_'):<22} {r.case.label:<10} {str(r.aligned):<8} "
+        print(f"sm_{r.arch:<3} {r.case.kernel.strip('_'):<22} {r.case.label:<14} {str(r.aligned):<8} "
               f"{r.regs if r.regs is not None else '-':>4} {r.local_bytes if r.local_bytes is not None else '-':>5} "
               f"{r.shared_bytes if r.shared_bytes is not None else '-':>6} "
               f"{r.row_load if r.row_load is not None else '-':>6} {r.seconds:5.1f}  {'; '.join(problems)}")

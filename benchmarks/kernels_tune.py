@@ -3,11 +3,13 @@
 The kernels use fixed tiles (`TILES`: no autotuning, which the CPU interpreter cannot run and
 which would make the first training step slow). This times each kernel at one shape (default the
 Llama-3-8B SAE: d_in 4096, 131072 latents, k 192, 8192 tokens) over a short list of tilings, each
-of which compiles without spills (`benchmarks/kernels_compile.py` checks the defaults), for fp32
-(the training path: fp32 weights under bf16 autocast) and bf16, and prints them fastest first with
-GB/s against the minimum traffic, the current default marked, and the `TILES` entry to adopt.
+of which compiles without spills (tests/test_kernels_compile.py), for bf16 (the training path
+under autocast: the gathers read bf16 copies of the weights, and scatter_rows sums bf16 gradient
+rows) and fp32 (training without autocast; the encoder's scatter_rows sums fp32 inputs), and
+prints them fastest first with GB/s against the minimum traffic, the default marked, and the
+`TILES` entry to adopt.
 
-    python -m benchmarks.kernels_tune [--shape llama3-8b] [--dtypes fp32,bf16] [--skew 0]
+    python -m benchmarks.kernels_tune [--shape llama3-8b] [--dtypes bf16,fp32] [--skew 0]
 
 Needs a CUDA GPU; on a machine without one it prints one line and exits with status 1.
 """
@@ -51,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels_tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of bf16, fp32")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, of bf16, fp32")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--skew", type=float, default=0.0, help="power-law exponent of latent popularity (0: uniform)")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds of repetitions per tiling")
@@ -119,14 +121,14 @@ def main(argv=None) -> int:
     d, L, k, N = cfg["d"], cfg["latents"], cfg["k"], args.tokens
     print(f"GPU {torch.cuda.get_device_name(0)}; {args.shape}: d_in {d}, latents {L}, k {k}, tokens {N}, "
           f"skew {args.skew}")
+    cmd = "python -m benchmarks.kernels_tune " + shlex.join(sys.argv[1:] if argv is None else argv)
     records = []
     for dname in args.dtypes:
         records += tune(cfg, N, dname, args)
         torch.cuda.empty_cache()
-    cmd = "python -m benchmarks.kernels_tune " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(dict(command=cmd, args=vars(args), records=records), f, indent=1)
+        if args.out_json:  # after every dtype, so that a run stopped at a time limit keeps its numbers
+            with open(args.out_json, "w") as f:
+                json.dump(dict(command=cmd, args=vars(args), records=records), f, indent=1)
     print(f"\nreproduce: {cmd.rstrip()}")
     return 0
 
