@@ -2,7 +2,7 @@
 # Every GPU check in one go, for a session that is lent a GPU. Prepare here (PyPI reachable) with
 # `bash benchmarks/gpu_wheels.sh`, then on the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# About 6-8 minutes on an H200 (the step limits add up to 570 s); `bash benchmarks/gpu_check.sh 2 5`
+# About 6-8 minutes on an H200 (the step limits add up to 580 s); `bash benchmarks/gpu_check.sh 2 5`
 # reruns only steps 2 and 5. The benchmarks save their JSON after each section, so a step stopped
 # at its limit keeps what it measured.
 # Needs torch, triton, transformers and safetensors, which the GPU machine has; the wheels in .whl/
@@ -17,7 +17,8 @@
 #      (to set sae_core.sae.AUXK_DENSE_RATIO["cuda"], an estimate until then);
 #   5. benchmarks/gpu_pipeline.py: actcache collect + saetrain fit + evaluate on CUDA through the
 #      CLIs (a random Llama: the embedded SmolLM2, 98 MB, is over the 64 MiB a call can carry),
-#      held-out FVU against the same fit on the CPU.
+#      held-out FVU against the same fit on the CPU, and on 2 CPU ranks under torchrun (the
+#      gloo + NCCL process group a CUDA machine gets).
 set -uo pipefail
 STEPS=${*:-1 2 3 4 5}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,7 +34,7 @@ if step 1 "kernels vs torch reference (compiled)"; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels_interpret.py 2>&1 | tee "$OUT/pytest.log" | tail -15
 fi
 if step 2 "kernel benchmark"; then
-  timeout 200 python3 -m benchmarks.kernels --out-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  timeout 180 python3 -m benchmarks.kernels --out-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 fi
 if step 3 "tile sweep"; then
   timeout 90 python3 -m benchmarks.kernels_tune --out-json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
@@ -43,6 +44,6 @@ if step 4 "AuxK, dense vs sparse"; then
     --dead-fracs 0.005,0.05,0.25,0.5,1.0 2>&1 | tee "$OUT/auxk.log"
 fi
 if step 5 "collect + fit on CUDA through the CLIs"; then
-  timeout 120 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
+  timeout 150 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
 fi
 echo "== done ($(date +%T))"

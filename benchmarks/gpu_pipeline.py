@@ -6,8 +6,10 @@ and a generated corpus (Zipf-distributed words, `--tokens` of them), then runs, 
 
   1. `actcache collect --device cuda` of every layer, then `actcache verify`;
   2. `saetrain fit --device cuda` (Triton kernels, bf16 autocast, fused Adam), with a holdout;
-  3. the same fit with `--device cpu` on the same store;
-  4. `saetrain evaluate` of both runs,
+  3. the same fit with `--device cpu` on the same store, then again data-parallel on 2 CPU ranks
+     under torchrun (on a machine with CUDA the process group is gloo + NCCL, and the fit's CPU
+     collectives must take the gloo side);
+  4. `saetrain evaluate` of every run,
 
 and checks that every command succeeds, that the store verifies, and that the held-out FVU per
 layer is finite, below 1 (better than the mean) and within `--fvu-rtol` between GPU and CPU. Prints
@@ -49,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--fvu-rtol", type=float, default=0.15,
                    help="largest relative difference of a layer's held-out FVU between the device and the CPU")
+    p.add_argument("--no-torchrun", action="store_true", help="skip the 2-rank data-parallel CPU fit")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     return p.parse_args(argv)
 
@@ -125,28 +128,37 @@ def main(argv=None) -> int:
     times = {}
     times["collect"], _ = run([py, "-m", "actcache", "collect", "--model", str(work / "model"), "--dataset",
                             str(work / "corpus"), "--layers", "all", "--ctx-len", str(args.ctx_len),
+                            # chunks of 4 sequences: enough of them for the data-parallel ranks
+                            "--seqs-per-shard", "16", "--chunk-tokens", str(4 * args.ctx_len),
                             "--device", args.device, "--out", str(store)], work / "collect.log")
     times["verify"], _ = run([py, "-m", "actcache", "verify", str(store)], work / "verify.log")
     fit = ["--store", str(store), "--k", str(args.k), "--expansion-factor", str(args.expansion_factor),
            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--holdout", "0.05",
            "--lr-warmup-steps", "20", "--seed", "0", "--no-progress"]
+    # (label, launcher, device): the device fit, the CPU fit, the CPU fit on 2 data-parallel ranks.
+    runs = [(d, [py, "-m"], d) for d in dict.fromkeys([args.device, "cpu"])]
+    if not args.no_torchrun:
+        runs.append(("cpu x2", [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"], "cpu"))
     fvu = {}
-    for device in dict.fromkeys([args.device, "cpu"]):
-        out = work / f"run-{device.replace(':', '')}"
-        times[f"fit {device}"], _ = run([py, "-m", "saetrain", "fit", *fit, "--device", device, "--out", str(out)],
-                                        work / f"fit-{device}.log")
-        _, report = run([py, "-m", "saetrain", "evaluate", str(out), "--json"], work / f"evaluate-{device}.log")
-        fvu[device] = json.loads(report)  # {layer: held-out FVU}
+    for label, launcher, device in runs:
+        tag = label.replace(":", "").replace(" ", "")
+        out = work / f"run-{tag}"
+        times[f"fit {label}"], _ = run([*launcher, "saetrain", "fit", *fit, "--device", device, "--out", str(out)],
+                                       work / f"fit-{tag}.log")
+        _, report = run([py, "-m", "saetrain", "evaluate", str(out), "--json"], work / f"evaluate-{tag}.log")
+        fvu[label] = json.loads(report)  # {layer: held-out FVU}
 
-    print(f"\nheld-out FVU per layer ({args.device} vs cpu):")
+    labels = list(fvu)
+    print("\nheld-out FVU per layer: " + " | ".join(labels))
     problems = []
-    for layer, f_dev in fvu[args.device].items():
-        f_cpu = fvu["cpu"][layer]
-        print(f"  {layer:<10}{f_dev:8.4f}{f_cpu:8.4f}")
-        if not (math.isfinite(f_dev) and f_dev < 1):
-            problems.append(f"{layer}: FVU {f_dev} on {args.device} (want finite, < 1)")
-        if abs(f_dev - f_cpu) > args.fvu_rtol * max(f_dev, f_cpu):
-            problems.append(f"{layer}: FVU {f_dev:.4f} on {args.device} vs {f_cpu:.4f} on cpu (rtol {args.fvu_rtol})")
+    for layer, f_cpu in fvu["cpu"].items():
+        print(f"  {layer:<10}" + "".join(f"{fvu[label][layer]:8.4f}" for label in labels))
+        for label in labels:
+            f = fvu[label][layer]
+            if not (math.isfinite(f) and f < 1):
+                problems.append(f"{layer}: FVU {f} with {label} (want finite, < 1)")
+            elif abs(f - f_cpu) > args.fvu_rtol * max(f, f_cpu):
+                problems.append(f"{layer}: FVU {f:.4f} with {label} vs {f_cpu:.4f} on cpu (rtol {args.fvu_rtol})")
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     print("\n".join(["FAILED:"] + problems) if problems else "ok: both stages ran end to end")
     print(f"work folder: {work}" if args.keep else "")

@@ -1,4 +1,4 @@
-"""torch.distributed set-up shared by both stages (torchrun: gloo on CPU, NCCL on CUDA)."""
+"""torch.distributed set-up shared by both stages (torchrun: gloo for CPU tensors, NCCL for CUDA ones)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 from .models import resolve_device
 
 
@@ -14,8 +15,16 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Both backends where CUDA is present: the stages reduce small CPU tensors (token counts,
+        # metrics) and exchange Python objects beside their CUDA gradients; NCCL alone takes only
+        # CUDA tensors. Object collectives and barriers then go over gloo.
+        dist.init_process_group(distributed_backend())
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def distributed_backend() -> str:
+    """The process-group backend: gloo for CPU tensors, plus NCCL for CUDA tensors when CUDA is present."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def barrier() -> None:
@@ -27,6 +36,11 @@ def rank_device(device: str | None, rank: int, world: int) -> torch.device:
     """The device of this rank: with several CUDA ranks, the GPU of its LOCAL_RANK."""
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
+        # Checked alike on every rank of the node, so that all stop rather than some waiting for the rest.
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        if per_node > gpus:
+            raise UserError(f"torchrun started {per_node} processes on this node but {gpus} GPU(s) are visible; "
+                            f"use --nproc_per_node {gpus} (one process per GPU)")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
     return dev

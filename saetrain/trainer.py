@@ -88,6 +88,10 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     return names
 
 
+# The losses of Sae.forward that are logged per step (fields of its ForwardOutput).
+_LOSSES = ("fvu", "auxk_loss", "multi_topk_fvu")
+
+
 class LayerTrainer:
     """One SAE with its optimizer, dead-latent counters and metrics."""
 
@@ -101,7 +105,10 @@ class LayerTrainer:
         self.since_fired = torch.zeros(self.sae.num_latents, dtype=torch.long, device=device)
         self.fired = torch.zeros(self.sae.num_latents, dtype=torch.bool, device=device)
         self.cfg = cfg
-        self.sums = {"fvu": 0.0, "auxk_loss": 0.0, "multi_topk_fvu": 0.0, "n": 0}
+        # Running sums of the losses, kept on the device: read once per optimizer step, so the
+        # micro-batches and the layers queue their work without waiting for each other.
+        self.sums = torch.zeros(len(_LOSSES), dtype=torch.float64, device=device)
+        self.batches = 0
 
     def dead_mask(self) -> torch.Tensor | None:
         return self.since_fired > self.cfg.dead_feature_threshold if self.cfg.auxk_alpha > 0 else None
@@ -115,10 +122,8 @@ class LayerTrainer:
             (loss * weight * len(micro) / len(x)).backward()
             self.fired[out.latent_indices.flatten()] = True
             frac = len(micro) / len(x)
-            self.sums["fvu"] += out.fvu.item() * frac
-            self.sums["auxk_loss"] += out.auxk_loss.item() * frac
-            self.sums["multi_topk_fvu"] += out.multi_topk_fvu.item() * frac
-        self.sums["n"] += 1
+            self.sums += torch.stack([getattr(out, k).detach().double() for k in _LOSSES]) * frac
+        self.batches += 1
 
     def step(self, step: int, tokens: int, dp: bool) -> dict:
         sae = self.sae
@@ -142,13 +147,13 @@ class LayerTrainer:
         self.since_fired += tokens
         self.since_fired[self.fired] = 0
         self.fired.zero_()
-        n = max(self.sums["n"], 1)
-        metrics = {k: self.sums[k] / n for k in ("fvu", "auxk_loss", "multi_topk_fvu")}
+        means = self.sums / max(self.batches, 1)
         if dp:
-            t = torch.tensor(list(metrics.values()), dtype=torch.float64)
-            dist.all_reduce(t)
-            metrics = dict(zip(metrics, (t / dist.get_world_size()).tolist(), strict=True))
-        self.sums = {"fvu": 0.0, "auxk_loss": 0.0, "multi_topk_fvu": 0.0, "n": 0}
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        metrics = dict(zip(_LOSSES, means.tolist(), strict=True))
+        self.sums.zero_()
+        self.batches = 0
         metrics["dead_fraction"] = (self.since_fired > self.cfg.dead_feature_threshold).float().mean().item()
         metrics["lr"] = lr
         return metrics
@@ -216,10 +221,17 @@ def fit(cfg: TrainConfig) -> FitResult:
     layers = select_layers(store, cfg.layers)
     _check_finite_stats(store, layers)
     resolved = resolve_config(cfg, store, layers, world)
+    dp = world > 1 and not cfg.distribute_layers
+    train_count = len(store.committed_chunks()) - len(resolved["holdout_chunks"])
+    if dp and train_count < world:  # the same on every rank: all stop
+        raise UserError(
+            f"{store.path} has {train_count} training chunk(s) for {world} data-parallel ranks, and each rank "
+            "needs one; use --distribute-layers or fewer processes, or collect with smaller chunks "
+            "(actcache collect --chunk-tokens)"
+        )
     out = Path(cfg.out)
     state = _prepare_out(cfg, out, resolved, rank)
 
-    dp = world > 1 and not cfg.distribute_layers
     if cfg.distribute_layers:
         plan = plan_layers({n: resolved["d_in"][n] * resolved["num_latents_per_layer"][n] for n in layers}, world)
         mine = plan[rank]

@@ -29,7 +29,9 @@ def test_gpu_pipeline_runs_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "ok: both stages ran end to end" in out
+    assert "held-out FVU per layer: cpu | cpu x2" in out
     rows = re.findall(r"^  (layer_\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
     assert [r[0] for r in rows] == ["layer_0", "layer_1"]
-    assert all(0 < float(r[1]) < 1 for r in rows)
+    assert all(0 < float(r[1]) < 1 and 0 < float(r[2]) < 1 for r in rows)
     assert (tmp_path / "acts.zarr").is_dir() and (tmp_path / "run-cpu" / "layer_0").is_dir()
+    assert (tmp_path / "run-cpux2" / "layer_0").is_dir()

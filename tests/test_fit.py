@@ -150,3 +150,18 @@ def test_bad_inputs(capsys, store_path, tmp_path):
     out.mkdir()
     (out / "x").write_text("x")
     assert "already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)
+
+
+def test_data_parallel_with_fewer_chunks_than_ranks_is_refused(store_path, tmp_path, monkeypatch):
+    """A rank without a chunk would make every rank train 0 tokens (the epoch is the ranks' minimum):
+    refused on every rank alike, before anything is written."""
+    import saetrain.trainer as trainer
+
+    chunks = len(ActivationStore(store_path).committed_chunks())
+    monkeypatch.setattr(trainer, "init_distributed", lambda: (0, chunks + 1))
+    monkeypatch.setattr(trainer, "rank_device", lambda device, rank, world: torch.device("cpu"))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"has {chunks} training chunk\(s\) for {chunks + 1} data-parallel ranks, "
+                                        r"and each rank needs one; use --distribute-layers or fewer processes"):
+        fit(cfg(store_path, out, batch_size=chunks + 1))
+    assert not out.exists()
