@@ -193,6 +193,12 @@ def min_traffic(op: str, N: int, k: int, d: int, L: int, e: int) -> int:
     raise ValueError(op)
 
 
+def primitive_args(idx, acts, W, gy, L) -> dict[str, tuple]:
+    """The arguments of each primitive here: the decoder's forward (gather_sum) and its backward to
+    the activations (gather_dot) and to W_dec (scatter_rows, given fp32 weights as its callers do)."""
+    return {"gather_sum": (idx, acts, W), "gather_dot": (idx, W, gy), "scatter_rows": (idx, acts.float(), gy, L)}
+
+
 # ------------------------------------------------------------------------------- the sections
 def make_inputs(cfg, tokens, dtype, skew, seed):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -245,37 +251,28 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
     sparse_flops = 2 * N * k * d
     dense_flops = 2 * N * L * d
     Z = torch.zeros(N, L, dtype=dtype, device=DEVICE).scatter_(1, idx, acts)
-    w32 = acts.float()
     mt = args.min_time
 
     def dense_bytes(m, kk, n):
         return (m * kk + kk * n + m * n) * e
 
     timing_header(report, dtype)
-    # decoder forward: y = sum_j acts * W[idx]
-    gs_bytes = min_traffic("gather_sum", N, k, d, L, e)
-    dense_ms = cuda_time(lambda: Z @ W, mt)
-    report.timing(name, dtype, "gather_sum", "triton", cuda_time(lambda: kernels.triton_gather_sum(idx, acts, W), mt),
-                  sparse_flops, gs_bytes, dense_ms)
-    report.timing(name, dtype, "gather_sum", "torch", cuda_time(lambda: ops.torch_gather_sum(idx, acts, W), mt),
-                  sparse_flops, gs_bytes, dense_ms)
-    report.timing(name, dtype, "gather_sum", "dense", dense_ms, dense_flops, dense_bytes(N, L, d))
-    # decoder backward to the activations: W[idx] . grad_y
-    gd_bytes = min_traffic("gather_dot", N, k, d, L, e)
-    dense_ms = cuda_time(lambda: (gy @ W.T).gather(1, idx), mt)
-    report.timing(name, dtype, "gather_dot", "triton", cuda_time(lambda: kernels.triton_gather_dot(idx, W, gy), mt),
-                  sparse_flops, gd_bytes, dense_ms)
-    report.timing(name, dtype, "gather_dot", "torch", cuda_time(lambda: ops.torch_gather_dot(idx, W, gy), mt),
-                  sparse_flops, gd_bytes, dense_ms)
-    report.timing(name, dtype, "gather_dot", "dense", dense_ms, dense_flops, dense_bytes(N, d, L))
-    # decoder backward to W_dec: scatter of acts x grad_y onto the selected rows (fp32 output)
-    sc_bytes = min_traffic("scatter_rows", N, k, d, L, e)
-    dense_ms = cuda_time(lambda: Z.T @ gy, mt)
-    report.timing(name, dtype, "scatter_rows", "triton",
-                  cuda_time(lambda: kernels.triton_scatter_rows(idx, w32, gy, L), mt), sparse_flops, sc_bytes, dense_ms)
-    report.timing(name, dtype, "scatter_rows", "torch",
-                  cuda_time(lambda: ops.torch_scatter_rows(idx, w32, gy, L), mt), sparse_flops, sc_bytes, dense_ms)
-    report.timing(name, dtype, "scatter_rows", "dense", dense_ms, dense_flops, dense_bytes(L, N, d))
+    # The dense product each primitive stands in for, with its minimum traffic.
+    dense = {
+        "gather_sum": (lambda: Z @ W, dense_bytes(N, L, d)),  # decoder forward
+        "gather_dot": (lambda: (gy @ W.T).gather(1, idx), dense_bytes(N, d, L)),  # decoder backward to acts
+        "scatter_rows": (lambda: Z.T @ gy, dense_bytes(L, N, d)),  # decoder backward to W_dec (fp32 output)
+    }
+    sparse_bytes = 0
+    for op, call_args in primitive_args(idx, acts, W, gy, L).items():
+        nbytes = min_traffic(op, N, k, d, L, e)
+        sparse_bytes += nbytes
+        dense_fn, dense_nbytes = dense[op]
+        dense_ms = cuda_time(dense_fn, mt)
+        for impl, fn in (("triton", getattr(kernels, f"triton_{op}")), ("torch", getattr(ops, f"torch_{op}"))):
+            report.timing(name, dtype, op, impl, cuda_time(lambda fn=fn, a=call_args: fn(*a), mt), sparse_flops, nbytes,
+                          dense_ms)
+        report.timing(name, dtype, op, "dense", dense_ms, dense_flops, dense_nbytes)
 
     # the whole decoder, forward + backward (to acts and W_dec)
     acts_g = acts.clone().requires_grad_()
@@ -294,10 +291,9 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
     for impl in ("triton", "torch"):
         with kernels_env(impl):
             ms = cuda_time(sparse_step, mt)
-        report.timing(name, dtype, "decoder fwd+bwd", impl, ms, 3 * sparse_flops, gs_bytes + gd_bytes + sc_bytes,
-                      dense_ms)
+        report.timing(name, dtype, "decoder fwd+bwd", impl, ms, 3 * sparse_flops, sparse_bytes, dense_ms)
     report.timing(name, dtype, "decoder fwd+bwd", "dense", dense_ms, 3 * dense_flops,
-                  dense_bytes(N, L, d) + dense_bytes(N, d, L) + dense_bytes(L, N, d))
+                  sum(nbytes for _, nbytes in dense.values()))
 
 
 def load_sparsify():

@@ -90,16 +90,11 @@ def tune(cfg: dict, N: int, dname: str, args) -> list[dict]:
     d, L, k = cfg["d"], cfg["latents"], cfg["k"]
     dtype = bench.DTYPES[dname]
     idx, acts, W, gy = bench.make_inputs(cfg, N, dtype, args.skew, args.seed)
-    w32 = acts.float()
-    calls = {
-        "gather_sum": lambda: kernels.triton_gather_sum(idx, acts, W),
-        "gather_dot": lambda: kernels.triton_gather_dot(idx, W, gy),
-        "scatter_rows": lambda: kernels.triton_scatter_rows(idx, w32, gy, L),
-    }
     records = []
-    for op, call in calls.items():
+    for op, call_args in bench.primitive_args(idx, acts, W, gy, L).items():
         nbytes = bench.min_traffic(op, N, k, d, L, W.element_size())
-        results = sweep(op, call, args.min_time)
+        fn = getattr(kernels, f"triton_{op}")
+        results = sweep(op, lambda fn=fn, call_args=call_args: fn(*call_args), args.min_time)
         default_ms = next(ms for t, ms in results if t == kernels.TILES[op])
         print(f"\n== {op}, {dname}  (minimum traffic {nbytes / 1e9:.2f} GB)")
         for tiling, ms in results:
