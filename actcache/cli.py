@@ -28,6 +28,7 @@ def collect(
     ctx_len: int = typer.Option(2048, help=_doc["ctx_len"]),
     batch_size: int = typer.Option(8, help=_doc["batch_size"]),
     max_tokens: int | None = typer.Option(None, help=_doc["max_tokens"]),
+    skip_tokens: int = typer.Option(0, help=_doc["skip_tokens"]),
     dtype: str = typer.Option("bfloat16", help=_doc["dtype"]),
     model_dtype: str | None = typer.Option(None, help=_doc["model_dtype"]),
     load_in_8bit: bool = typer.Option(False, "--load-in-8bit", help=_doc["load_in_8bit"]),
@@ -51,7 +52,8 @@ def collect(
     points = [p.strip() for item in (hookpoints or []) for p in item.split(",") if p.strip()]
     cfg = CollectConfig(
         out=out, model=model, gguf_file=gguf_file, revision=revision, dataset=dataset, split=split,
-        text_column=text_column, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype,
+        text_column=text_column, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens, skip_tokens=skip_tokens,
+        dtype=dtype,
         model_dtype=model_dtype, load_in_8bit=load_in_8bit, device=device, layers=layers, hookpoints=points,
         codec=codec, seed=None if seed < 0 else seed, resume=resume, overwrite=overwrite, shard_mb=shard_mb,
         chunk_mb=chunk_mb, seqs_per_shard=seqs_per_shard, chunk_tokens=chunk_tokens,

@@ -32,6 +32,10 @@ from .config import CollectConfig
 from .hooks import Capture, match_hookpoints
 
 
+class DataExhausted(UserError):
+    """`--skip-tokens` starts at or past the end of the data: there is no window left to collect."""
+
+
 @dataclass
 class CollectResult:
     path: Path
@@ -57,6 +61,8 @@ def _validate(cfg: CollectConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    if cfg.skip_tokens < 0:
+        raise UserError(f"--skip-tokens must be >= 0, got {cfg.skip_tokens}")
     if cfg.layers and cfg.hookpoints:
         raise UserError("pass either --layers or --hookpoints, not both")
     if cfg.resume and cfg.overwrite:
@@ -90,6 +96,13 @@ def prepare(cfg: CollectConfig, model, tokenizer) -> tuple[np.ndarray, dict]:
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
     docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     seqs = data.order(data.pack(docs, tokenizer, cfg.ctx_len), cfg.seed)
+    skip = -(-cfg.skip_tokens // cfg.ctx_len)
+    if skip >= len(seqs):
+        raise DataExhausted(
+            f"--skip-tokens {cfg.skip_tokens:,} skips all {len(seqs) * cfg.ctx_len:,} tokens of dataset {docs.id}; "
+            "lower it (or add data)"
+        )
+    seqs = seqs[skip:]
     if cfg.max_tokens is not None:
         seqs = seqs[: -(-cfg.max_tokens // cfg.ctx_len)]
     meta = {
@@ -98,6 +111,8 @@ def prepare(cfg: CollectConfig, model, tokenizer) -> tuple[np.ndarray, dict]:
         "text_column": cfg.text_column,
         "seed": cfg.seed,
         "max_tokens": cfg.max_tokens,
+        "skip_tokens": cfg.skip_tokens,
+        "first_sequence": skip,
         "num_sequences": int(len(seqs)),
         "packing": "documents joined by EOS, cut into ctx_len sequences, remainder dropped",
         "fingerprint": data.fingerprint(seqs),

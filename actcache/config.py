@@ -30,6 +30,8 @@ class CollectConfig:
     """Sequences per forward pass."""
     max_tokens: int | None = None
     """Stop after this many tokens (rounded up to whole sequences)."""
+    skip_tokens: int = 0
+    """Start this many tokens into the sequence order (rounded up to whole sequences); with --max-tokens: one window."""
     dtype: str = "bfloat16"
     """Dtype activations are stored in: bfloat16, float16 or float32."""
     model_dtype: str | None = None

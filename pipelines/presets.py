@@ -16,6 +16,10 @@ class Recipe:
     description: str
     collect: CollectConfig
     train: TrainConfig
+    rounds: int = 1
+    """Windows of `collect.max_tokens` tokens, collected and trained one after another: the store holds
+    one window at a time (it replaces the last), and each round's training starts from the last
+    round's SAEs, Adam state and step (`saetrain fit --init-from`)."""
 
 
 def smollm2_demo(root: Path = Path("out/smollm2-demo")) -> Recipe:
@@ -44,24 +48,33 @@ def tiny_debug(root: Path = Path("out/tiny-debug")) -> Recipe:
     )
 
 
+# Tokens per round of llama3-8b-32x: 32 layers x 4096 x 2 bytes = 256 KiB a token, so a window of
+# 2**25 tokens is an 8 TiB store (zstd saves a few percent on bf16).
+LLAMA3_WINDOW = 2**25
+
+
 def llama3_8b_32x(root: Path = Path("out/llama3-8b-32x")) -> Recipe:
     """The recipe behind EleutherAI/sae-llama-3-8b-32x: every layer of Llama-3-8B, 32x latents, k=192.
 
-    Needs GPUs and Hub access: `torchrun --nproc_per_node 8 -m pipelines.run llama3-8b-32x` collects
-    data-parallel, then trains with the layers spread over the ranks.
+    Needs GPUs, Hub access and ~8 TiB of disk: `torchrun --nproc_per_node 8 -m pipelines.run
+    llama3-8b-32x` collects a window of 2**25 tokens data-parallel, trains on it with the layers
+    spread over the ranks, and repeats with the next window (8.5B tokens would be 2 PiB at once);
+    it stops early if the dataset ends first.
     """
     store = root / "acts.zarr"
     return Recipe(
         "llama3-8b-32x",
-        "Llama-3-8B, layers 0-31, 8.5B tokens of RedPajama-1T-Sample at ctx 2048; 32x TopK SAEs, k=192",
+        "Llama-3-8B, layers 0-31, up to 8.5B tokens of RedPajama-1T-Sample at ctx 2048 in windows of 2**25; "
+        "32x TopK SAEs, k=192",
         CollectConfig(
             out=store, model="meta-llama/Meta-Llama-3-8B", dataset="togethercomputer/RedPajama-Data-1T-Sample",
-            layers="0-31", ctx_len=2048, batch_size=16, dtype="bfloat16", max_tokens=8_500_000_000,
+            layers="0-31", ctx_len=2048, batch_size=16, dtype="bfloat16", max_tokens=LLAMA3_WINDOW,
         ),
         TrainConfig(
             store=store, out=root / "saes", k=192, expansion_factor=32, batch_size=8 * 2048 * 8, lr_warmup_steps=1000,
             distribute_layers=True, holdout=0.001, save_every=1000,
         ),
+        rounds=-(-8_500_000_000 // LLAMA3_WINDOW),
     )
 
 

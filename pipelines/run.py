@@ -1,25 +1,34 @@
 """Run a named recipe end to end: `python -m pipelines.run smollm2-demo`.
 
 Collection resumes an unfinished store and is skipped when the store is complete; training
-starts afresh (or resumes with --resume).
+starts afresh (or resumes with --resume). A recipe in rounds (`Recipe.rounds`) collects one
+window of the data at a time into the same store and trains `saes/round_N` from `round_N-1`;
+`saes/rounds.json` records the last finished round, so a rerun continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from sae_core import UserError
+from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
+from sae_core.store.manifest import atomic_write
 
-from .presets import PRESETS
+from .presets import PRESETS, Recipe
 
 
 def run(name: str, *, resume_training: bool = False) -> int:
     recipe = PRESETS[name]()
     print(f"== {recipe.name}: {recipe.description}")
+    if recipe.rounds > 1:
+        return run_rounds(recipe)
     from actcache import collect
     from saetrain import fit
 
@@ -36,12 +45,70 @@ def run(name: str, *, resume_training: bool = False) -> int:
     t = dataclasses.replace(recipe.train, resume=resume_training, overwrite=not resume_training)
     fit_res = fit(t)
     print(f"== done in {time.perf_counter() - t0:.0f}s: {fit_res.steps} steps, {fit_res.tokens:,} training tokens")
+    _report(fit_res)
+    return 0
+
+
+def _report(fit_res) -> None:
     if fit_res.heldout_fvu:
         print("   held-out FVU per layer:")
         for layer, fvu in fit_res.heldout_fvu.items():
             print(f"     {layer:<10} {fvu:.4f}")
     print(f"   SAEs: {fit_res.out}/<layer>/  (load with Sae.load_many('{fit_res.out}', local=True))")
+
+
+def run_rounds(recipe: Recipe) -> int:
+    """Collect window r of the data into the store, train round r from round r-1, repeat."""
+    from actcache import DataExhausted, collect
+    from saetrain import fit
+
+    t0 = time.perf_counter()
+    rank, _ = init_distributed()
+    runs = Path(recipe.train.out)
+    progress = runs / "rounds.json"
+    done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
+    window = recipe.collect.max_tokens
+    if not window:
+        raise UserError(f"recipe {recipe.name} runs in rounds but sets no collect.max_tokens (the window per round)")
+    fit_res = None
+    for r in range(done + 1, recipe.rounds):
+        c = dataclasses.replace(recipe.collect, skip_tokens=r * window)
+        print(f"== round {r + 1}/{recipe.rounds}: tokens {c.skip_tokens:,} to {c.skip_tokens + window:,}")
+        same = _store_window(c.out) == c.skip_tokens
+        barrier()  # every rank has looked before rank 0 replaces the store
+        if same and ActivationStore(c.out).complete:
+            print(f"   {c.out} holds this window, skipping collection")
+        else:
+            try:
+                collect(dataclasses.replace(c, resume=same, overwrite=not same and c.out.exists()))
+            except DataExhausted:
+                print(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
+                break
+        out = runs / f"round_{r:04d}"
+        prev = runs / f"round_{r - 1:04d}" if r else None
+        fit_res = fit(dataclasses.replace(recipe.train, out=out, init_from=prev, resume=out.exists()))
+        if rank == 0:
+            atomic_write(progress, json.dumps({"done": r, "latest": str(out)}) + "\n")
+            for old in runs.glob("round_*"):  # round r's checkpoint holds everything round r+1 needs
+                if old != out:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+    print(f"== done in {time.perf_counter() - t0:.0f}s")
+    if fit_res is not None:
+        _report(fit_res)
+    elif progress.is_file():
+        print(f"   every round had finished; SAEs: {json.loads(progress.read_text())['latest']}/<layer>/")
     return 0
+
+
+def _store_window(path: Path) -> int | None:
+    """The --skip-tokens of the store at `path`, or None when there is no readable store."""
+    if not path.exists():
+        return None
+    try:
+        return ActivationStore(path).meta["data"].get("skip_tokens", 0)
+    except UserError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

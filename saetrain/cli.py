@@ -45,6 +45,7 @@ def fit(
     shuffle_window: int = typer.Option(_default("shuffle_window"), help=_doc["shuffle_window"]),
     save_every: int = typer.Option(_default("save_every"), help=_doc["save_every"]),
     resume: bool = typer.Option(False, "--resume", help=_doc["resume"]),
+    init_from: Path | None = typer.Option(None, metavar="RUN", help=_doc["init_from"]),
     overwrite: bool = typer.Option(False, "--overwrite", help=_doc["overwrite"]),
     distribute_layers: bool = typer.Option(False, "--distribute-layers", help=_doc["distribute_layers"]),
     device: str = typer.Option("auto", help=_doc["device"]),
@@ -68,6 +69,7 @@ def fit(
         lr=lr, lr_warmup_steps=lr_warmup_steps, auxk_alpha=auxk_alpha, dead_feature_threshold=dead_feature_threshold,
         max_tokens=max_tokens, epochs=epochs, seed=seed, exclude_first_tokens=exclude_first_tokens,
         exclude_token_ids=ids, holdout=holdout, shuffle_window=shuffle_window, save_every=save_every, resume=resume,
+        init_from=init_from,
         overwrite=overwrite, distribute_layers=distribute_layers, device=device, grad_clip=grad_clip,
         read_threads=read_threads, wandb=wandb, progress=progress,
     )

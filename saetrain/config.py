@@ -56,6 +56,8 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end)."""
     resume: bool = False
     """Continue from the run folder's last checkpoint."""
+    init_from: Path | None = None
+    """Start from another run's last checkpoint (SAEs, Adam state, dead-latent counters, step): train on the next store."""
     overwrite: bool = False
     """Replace an existing run folder."""
     distribute_layers: bool = False

@@ -36,7 +36,7 @@ from .plan import plan_layers
 RESUME_KEYS = (
     "store_fingerprint", "layers", "k", "num_latents", "normalize_decoder", "multi_topk", "batch_size",
     "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "seed",
-    "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world",
+    "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world", "init_from",
 )
 
 
@@ -194,6 +194,7 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
         "layers": layers,
         "store_fingerprint": store.meta["data"]["fingerprint"],
+        "store_model": store.meta.get("model", {}).get("id"),
         "store_tokens": store.num_tokens,
         "d_in": d_in,
         "num_latents_per_layer": num_latents,
@@ -230,6 +231,9 @@ def fit(cfg: TrainConfig) -> FitResult:
             "(actcache collect --chunk-tokens)"
         )
     out = Path(cfg.out)
+    init = _init_source(cfg, out, resolved) if cfg.init_from is not None else None
+    if init is not None:
+        resolved["init_from"] = {"run": str(cfg.init_from), **init[1]}
     state = _prepare_out(cfg, out, resolved, rank)
 
     if cfg.distribute_layers:
@@ -248,10 +252,10 @@ def fit(cfg: TrainConfig) -> FitResult:
                         seed=cfg.seed * 100_003 + layers.index(n))
         for n in mine
     }
-    if state is not None:
-        folder, _ = ckpt.latest(out)
+    start = ckpt.latest(out)[0] if state is not None else init[0] if init is not None else None
+    if start is not None:
         for n, t in trainers.items():
-            t.since_fired = ckpt.load_layer(folder / n, t.sae, t.opt).to(device)
+            t.since_fired = ckpt.load_layer(start / n, t.sae, t.opt).to(device)
 
     held = set(resolved["holdout_chunks"])
     train_chunks = [c for c in store.committed_chunks() if c not in held]
@@ -262,6 +266,43 @@ def fit(cfg: TrainConfig) -> FitResult:
     )
     result = _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0)
     return result
+
+
+def _init_source(cfg: TrainConfig, out: Path, resolved: dict) -> tuple[Path | None, dict]:
+    """The checkpoint `--init-from` starts from, and its step and cumulative tokens; checks the SAEs match.
+
+    Resuming a run that has a checkpoint of its own needs only what its config.json recorded (the
+    run it started from may be gone: a pipeline keeps only the last window's run).
+    """
+    run = Path(cfg.init_from)
+    if run.resolve() == out.resolve():
+        raise UserError(f"--init-from {run} is the run folder itself; pass --resume to continue it")
+    if cfg.resume and ckpt.latest(out) is not None:
+        recorded = json.loads((out / "config.json").read_text()).get("init_from")
+        if isinstance(recorded, dict) and recorded.get("run") == str(run):
+            return None, {"step": recorded["step"], "tokens": recorded["tokens"]}
+    found = ckpt.latest(run) if (run / "config.json").is_file() else None
+    if found is None:
+        raise UserError(f"--init-from {run}: not a saetrain run with a checkpoint; point it at a finished `saetrain fit --out` folder")
+    old = json.loads((run / "config.json").read_text())
+    missing = [n for n in resolved["layers"] if n not in old["layers"]]
+    if missing:
+        raise UserError(f"--init-from {run} has no SAE for {missing[0]} (it trained {', '.join(old['layers'])}); pass --layers")
+    for key in ("d_in", "num_latents_per_layer"):
+        for n in resolved["layers"]:
+            if old[key][n] != resolved[key][n]:
+                raise UserError(
+                    f"--init-from {run}: {n} has {key} {old[key][n]} there and {resolved[key][n]} here; "
+                    "use the same --num-latents/--expansion-factor and a store of the same model"
+                )
+    if old.get("store_model") and resolved["store_model"] and old["store_model"] != resolved["store_model"]:
+        raise UserError(
+            f"--init-from {run} was trained on activations of {old['store_model']}, this store holds "
+            f"{resolved['store_model']}; collect the next store with the same --model"
+        )
+    folder, state = found
+    base = (old.get("init_from") or {}).get("tokens", 0)
+    return folder, {"step": state["step"], "tokens": base + state["tokens_seen"]}
 
 
 def _check_finite_stats(store: ActivationStore, layers: list[str]) -> None:
@@ -314,7 +355,9 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     from tqdm.auto import tqdm
 
     loader_batch = resolved["loader_batch"]
-    step = state["step"] if state else 0
+    init = resolved.get("init_from")
+    step = state["step"] if state else init["step"] if init else 0
+    base_tokens = init["tokens"] if init else 0  # tokens of the runs this one continues, for the metrics
     epoch = state["epoch"] if state else 0
     offset = state["epoch_tokens"] if state else 0
     tokens_seen = state["tokens_seen"] if state else 0
@@ -328,7 +371,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     metrics_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
     acc = 0
     step_tokens = 0
-    first = state is None
+    first = state is None and init is None  # a fresh SAE: b_dec from the first batch
     try:
         while epoch < cfg.epochs and tokens_seen < max_tokens:
             per_epoch = _epoch_tokens(loader, epoch, dp)
@@ -353,7 +396,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                 lines = []
                 for t in trainers.values():
                     m = t.step(step, step_tokens, dp)
-                    lines.append({"step": step + 1, "layer": t.name, "tokens": tokens_seen + step_tokens, **m})
+                    lines.append({"step": step + 1, "layer": t.name, "tokens": base_tokens + tokens_seen + step_tokens, **m})
                 step += 1
                 tokens_seen += step_tokens
                 bar.update(step_tokens)

@@ -113,6 +113,29 @@ def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
     assert json.loads((store.path / "zarr.json").read_text())["attributes"]["actcache"]["format"] == "actcache-store"
 
 
+def test_skip_tokens_collects_a_window_of_the_order(tmp_path, tiny_model_dir, tiny_text_dir):
+    """Windows (--skip-tokens + --max-tokens) are consecutive slices of one run's order, activations included."""
+    import pytest
+
+    from actcache import DataExhausted
+    from sae_core import UserError
+
+    kw = dict(layers="0,3", dtype="float32", seed=3)
+    full = run(tmp_path, tiny_model_dir, tiny_text_dir, name="full.zarr", **kw)
+    first = run(tmp_path, tiny_model_dir, tiny_text_dir, name="w0.zarr", max_tokens=10 * CTX, **kw)
+    second = run(tmp_path, tiny_model_dir, tiny_text_dir, name="w1.zarr", max_tokens=10 * CTX, skip_tokens=9 * CTX + 1, **kw)
+    assert second.meta["data"]["skip_tokens"] == 9 * CTX + 1 and second.meta["data"]["first_sequence"] == 10
+    for i, window in enumerate((first, second)):
+        span = slice(i * 10 * CTX, (i + 1) * 10 * CTX)
+        assert torch.equal(window.tokens(), full.tokens()[span])
+        assert torch.equal(window.read(3, 0, 10 * CTX), full.read(3, span.start, span.stop))
+    assert second.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
+    with pytest.raises(DataExhausted, match=r"--skip-tokens 100,000 skips all \d[\d,]* tokens of dataset .*; lower it"):
+        run(tmp_path, tiny_model_dir, tiny_text_dir, name="w9.zarr", skip_tokens=100_000, **kw)
+    with pytest.raises(UserError, match="--skip-tokens must be >= 0, got -1"):
+        run(tmp_path, tiny_model_dir, tiny_text_dir, name="wn.zarr", skip_tokens=-1, **kw)
+
+
 def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
     from transformers.models.llama import modeling_llama
 

@@ -165,3 +165,44 @@ def test_data_parallel_with_fewer_chunks_than_ranks_is_refused(store_path, tmp_p
                                         r"and each rank needs one; use --distribute-layers or fewer processes"):
         fit(cfg(store_path, out, batch_size=chunks + 1))
     assert not out.exists()
+
+
+def _metrics(run, layer="layer_1"):
+    return [ln for ln in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if ln["layer"] == layer]
+
+
+def test_init_from_continues_a_run_on_the_next_store(store_path, tmp_path):
+    """--init-from: weights, Adam state, dead counters, step and token count carry over; no second warmup."""
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit(cfg(store_path, a, epochs=2, holdout=0.1))
+    first = fit(cfg(store_path, b, init_from=a, max_tokens=3 * 64, holdout=0.1))
+    la, lb = _metrics(a), _metrics(b)
+    assert [ln["step"] for ln in lb] == [la[-1]["step"] + i for i in (1, 2, 3)]
+    assert [ln["tokens"] for ln in lb] == [la[-1]["tokens"] + 64 * i for i in (1, 2, 3)]
+    lr = json.loads((a / "config.json").read_text())["lr_per_layer"]["layer_1"]
+    assert all(ln["lr"] == pytest.approx(lr) for ln in lb)  # past warmup: the full rate at once
+    assert lb[0]["fvu"] < 0.6 * la[0]["fvu"]  # starts where the first run ended, not from scratch
+    opt = load_file(str(b / "checkpoints" / f"step_{lb[-1]['step']}" / "layer_1" / "optimizer.safetensors"))
+    assert int(opt["encoder.weight.step"]) == la[-1]["step"] + 3
+    assert json.loads((b / "config.json").read_text())["init_from"] == {
+        "run": str(a), "step": la[-1]["step"], "tokens": la[-1]["tokens"]}
+    # Resuming the continued run needs only its own checkpoint: the first run may be gone.
+    shutil.rmtree(a)
+    res = fit(cfg(store_path, b, init_from=a, max_tokens=5 * 64, holdout=0.1, resume=True))
+    assert res.steps == first.steps + 2 and [ln["step"] for ln in _metrics(b)][-1] == la[-1]["step"] + 5
+
+
+def test_init_from_refuses_a_run_that_does_not_fit(store_path, tmp_path):
+    a = tmp_path / "a"
+    fit(cfg(store_path, a, layers="1", max_tokens=64))
+    for kw, message in [
+        (dict(init_from=tmp_path / "none"), r"--init-from .*none: not a saetrain run with a checkpoint"),
+        (dict(init_from=a, layers="1,2"), r"--init-from .*a has no SAE for layer_2 \(it trained layer_1\); pass --layers"),
+        (dict(init_from=a, layers="1", expansion_factor=8),
+         r"layer_1 has num_latents_per_layer 64 there and 128 here; use the same --num-latents"),
+        (dict(init_from=a, layers="1", out=a, resume=True), r"--init-from .*a is the run folder itself; pass --resume"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            fit(cfg(store_path, kw.pop("out", tmp_path / "b"), **kw))

@@ -41,7 +41,7 @@ RESUME_KEYS = {
     "arrays": "--layers/--hookpoints",
     "dtype": "--dtype",
     "ctx_len": "--ctx-len",
-    "data": "--dataset/--split/--text-column/--seed/--max-tokens",
+    "data": "--dataset/--split/--text-column/--seed/--max-tokens/--skip-tokens",
     "layout": "--seqs-per-shard/--chunk-tokens",
 }
 
