@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from .config import SaeConfig
 from .errors import UserError
+from .models import resolve_device
 from .sae import Sae
 
 CFG_NAME = "cfg.json"
@@ -24,6 +25,9 @@ WEIGHTS_NAME = "sae.safetensors"
 
 
 def save_sae(sae: Sae, path: str | Path) -> None:
+    if sae.W_dec is None:
+        raise UserError("this SAE was loaded with decoder=False, so its checkpoint would lack W_dec; "
+                        "reload it with decoder=True to save it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
@@ -47,6 +51,11 @@ def layer_folder_names(layer: int) -> list[str]:
     return [f"layer_{layer}", f"layers.{layer}"]
 
 
+def as_layer(layer: int | str) -> int | str:
+    """A layer given as a number (10 or "10") as an int; any other name (a hookpoint folder) unchanged."""
+    return int(layer) if isinstance(layer, str) and layer.strip().isdigit() else layer
+
+
 def folder_layer(name: str) -> int | None:
     """The layer number of a folder named `layer_10` or `layers.10`, else None."""
     m = re.fullmatch(r"layers?[._](\d+)", name)
@@ -61,12 +70,14 @@ def select_folders(
     if layers is not None:
         chosen = []
         for want in layers:
+            want = as_layer(want)
             if isinstance(want, int):
                 names = [n for n in layer_folder_names(want) if n in available]
             else:
                 names = [want] if want in available else []
             if not names:
-                raise UserError(f"{where} has no SAE for {want!r}; it has: {', '.join(available) or 'none'}")
+                what = f"layer {want}" if isinstance(want, int) else f"folder {want!r}"
+                raise UserError(f"{where} has no SAE for {what}; it has: {', '.join(available) or 'none'}")
             chosen.append(names[0])
     if pattern is not None:
         chosen = [n for n in chosen if fnmatch(n, pattern)]
@@ -110,6 +121,7 @@ def load_sae(
 ) -> Sae:
     """Load a folder in EleutherAI's layout; `dtype=None` keeps the stored dtype (fp32 or bf16)."""
     path = Path(path)
+    device = resolve_device(device)
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"SAE folder {path} {what}; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")

@@ -16,6 +16,7 @@ from natsort import natsorted
 from .checkpoint import (
     CFG_NAME,
     WEIGHTS_NAME,
+    as_layer,
     folder_layer,
     layer_folder_names,
     load_many_local,
@@ -87,7 +88,7 @@ def _folder_patterns(names: list[str]) -> list[str]:
 
 def load_from_hub(
     repo_id: str,
-    layer: int | None = None,
+    layer: int | str | None = None,
     *,
     hookpoint: str | None = None,
     revision: str | None = None,
@@ -95,6 +96,12 @@ def load_from_hub(
     dtype: torch.dtype | None = None,
     decoder: bool = True,
 ) -> Sae:
+    if layer is not None:
+        layer = as_layer(layer)
+        if isinstance(layer, str):  # a folder name, as sparsify's load_from_hub(repo, "layers.10") takes it
+            if hookpoint is not None:
+                raise UserError("pass either layer= or hookpoint=, not both")
+            layer, hookpoint = None, layer
     if layer is not None and hookpoint is not None:
         raise UserError("pass either layer= or hookpoint=, not both")
     if layer is None and hookpoint is None:
@@ -133,7 +140,8 @@ def load_many_from_hub(
         # Every SAE folder (filtered by pattern): fetch only cfg.json and weights of those.
         allow = _folder_patterns([pattern or "*"])
     else:
-        names = [n for want in layers for n in (layer_folder_names(want) if isinstance(want, int) else [want])]
+        wanted = [as_layer(w) for w in layers]
+        names = [n for want in wanted for n in (layer_folder_names(want) if isinstance(want, int) else [want])]
         allow = _folder_patterns(names)
     root = _download(repo_id, revision, allow)
     available = sae_folders(root)

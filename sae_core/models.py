@@ -57,7 +57,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+        raise UserError(f"device {device!r} asked for but CUDA is not available here; use cpu (--device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device {device!r} asked for but only {torch.cuda.device_count()} GPU(s) are visible; "
                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -132,6 +132,11 @@ class Sae(nn.Module):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Reconstruction `(..., d_in)` from `(..., k)` latents."""
+        if top_acts.shape != top_indices.shape:
+            raise ValueError(
+                f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} must have one shape "
+                "(..., k): pass both outputs of encode"
+            )
         return self._decode_sparse(top_acts, top_indices) + self.b_dec
 
     def _decoder(self) -> Tensor:
@@ -150,6 +155,7 @@ class Sae(nn.Module):
         predict the residual `x - x_hat`, scaled down when fewer latents are dead.
         """
         self._check_input(x)
+        self._check_dead_mask(dead_mask, x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.d_in).to(self.dtype)
         sae_in = x - self.b_dec
@@ -183,8 +189,8 @@ class Sae(nn.Module):
 
         return ForwardOutput(
             sae_out.reshape(*lead, self.d_in),
-            top_acts.reshape(*lead, -1),
-            top_indices.reshape(*lead, -1),
+            top_acts.reshape(*lead, top_acts.shape[-1]),
+            top_indices.reshape(*lead, top_indices.shape[-1]),
             fvu,
             auxk_loss,
             multi_topk_fvu,
@@ -217,10 +223,23 @@ class Sae(nn.Module):
         return EncoderOutput(acts, indices)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.d_in:
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            width = "is a scalar" if x.dim() == 0 else f"has last dimension {x.shape[-1]}"
             raise ValueError(
-                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}; "
+                f"input {width} but this SAE has d_in={self.d_in}; "
                 "pass hidden states of the layer (and model) it was trained on"
+            )
+
+    def _check_dead_mask(self, dead_mask: Tensor | None, x: Tensor) -> None:
+        if dead_mask is None:
+            return
+        if not isinstance(dead_mask, Tensor):
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.num_latents},), got {type(dead_mask).__name__}")
+        if dead_mask.dtype != torch.bool or dead_mask.shape != (self.num_latents,):
+            got = f"{dead_mask.dtype} of shape {tuple(dead_mask.shape)}"
+            hint = " (this is forward(x, dead_mask), not sparsify's forward(x, y))" if dead_mask.shape == x.shape else ""
+            raise ValueError(
+                f"dead_mask must be a bool tensor of shape ({self.num_latents},), one flag per latent, got {got}{hint}"
             )
 
     # ------------------------------------------------------------------------- decoder norm
@@ -260,7 +279,7 @@ class Sae(nn.Module):
     @staticmethod
     def load_from_hub(
         repo_id: str,
-        layer: int | None = None,
+        layer: int | str | None = None,
         *,
         hookpoint: str | None = None,
         revision: str | None = None,
@@ -268,7 +287,10 @@ class Sae(nn.Module):
         dtype: torch.dtype | None = None,
         decoder: bool = True,
     ) -> Sae:
-        """Download (only) the folder of one layer or hookpoint of a Hub repo and load it."""
+        """Download (only) the folder of one layer or hookpoint of a Hub repo and load it.
+
+        `layer=10` finds `layer_10` or `layers.10`; a name (`"layers.10.mlp"`) is a folder, as `hookpoint=`.
+        """
         from .hub import load_from_hub
 
         return load_from_hub(

@@ -136,6 +136,9 @@ def test_load_without_decoder(tmp_path):
     assert torch.equal(acts.sort(-1).values, ref_acts.sort(-1).values)
     with pytest.raises(RuntimeError, match="decoder=False"):
         enc_only.decode(acts, idx)
+    with pytest.raises(UserError, match="loaded with decoder=False, so its checkpoint would lack W_dec"):
+        enc_only.save_to_disk(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
 
 
 def test_load_without_decoder_when_file_has_none(tmp_path):

@@ -170,6 +170,10 @@ def test_hookpoint_folder_beside_layer_folder(hub: FakeHub, tmp_path: Path):
     assert_weights(Sae.load_from_hub(NEW_REPO, hookpoint="layers.3.mlp"), saved["layers.3.mlp"])
     assert hub.fetched(NEW_REPO) == folder_files("layers.3.mlp")
     assert_weights(Sae.load_from_hub(NEW_REPO, layer=3), saved["layers.3"])
+    # A name in place of the layer is a folder (sparsify's load_from_hub(repo, "layers.3.mlp")); digits a layer.
+    assert_weights(Sae.load_from_hub(NEW_REPO, "layers.3.mlp"), saved["layers.3.mlp"])
+    assert_weights(Sae.load_from_hub(NEW_REPO, "3"), saved["layers.3"])
+    assert list(Sae.load_many_from_hub(NEW_REPO, layers=["3"])) == ["layers.3"]
     assert list(Sae.load_many_from_hub(NEW_REPO, layers=[3])) == ["layers.3"]
     assert list(Sae.load_many_from_hub(NEW_REPO)) == ["layers.3", "layers.3.mlp"]
 
@@ -269,7 +273,7 @@ def test_load_many_from_hub_new_layout_by_layer_number(hub: FakeHub, new_repo):
 
 
 def test_load_many_from_hub_missing_layer(hub: FakeHub, old_repo):
-    with pytest.raises(UserError, match=r"7.*layer_0, layer_2, layer_10"):
+    with pytest.raises(UserError, match=r"has no SAE for layer 7; it has: layer_0, layer_2, layer_10"):
         Sae.load_many_from_hub(OLD_REPO, layers=[2, 7])
 
 

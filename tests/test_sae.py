@@ -389,6 +389,28 @@ def test_wrong_input_width():
         sae(bad)
 
 
+def test_malformed_arguments_are_named():
+    sae = make_sae()
+    x = torch.randn(3, D_IN, dtype=F64)
+    with pytest.raises(ValueError, match=f"input is a scalar but this SAE has d_in={D_IN}"):
+        sae.encode(torch.tensor(1.0))
+    n = sae.num_latents
+    for mask, got in [(torch.ones(10, dtype=torch.bool), r"torch.bool of shape \(10,\)"),
+                      (torch.ones(n), rf"torch.float32 of shape \({n},\)"),
+                      (x, r"torch.float64 of shape \(3, 16\) \(this is forward\(x, dead_mask\), not sparsify's forward\(x, y\)\)")]:
+        with pytest.raises(ValueError, match=rf"dead_mask must be a bool tensor of shape \({n},\), one flag per latent, got {got}"):
+            sae(x, mask)
+    acts, idx = sae.encode(x)
+    with pytest.raises(ValueError, match=r"top_acts \(3, 4\) and top_indices \(3, 3\) must have one shape"):
+        sae.decode(acts, idx[:, :3])
+
+
+def test_empty_batch():
+    sae = make_sae()
+    out = sae(torch.randn(2, 0, D_IN, dtype=F64), dead_mask=torch.ones(sae.num_latents, dtype=torch.bool))
+    assert out.sae_out.shape == (2, 0, D_IN) and out.latent_indices.shape == (2, 0, K)
+
+
 @pytest.mark.parametrize("k", [0, -1])
 def test_k_must_be_positive(k):
     with pytest.raises(ValueError, match="k must be at least 1"):
