@@ -46,6 +46,15 @@ def rank_device(device: str | None, rank: int, world: int) -> torch.device:
     return dev
 
 
+def any_error(error: str | None, world: int) -> str | None:
+    """The first rank's error message (in rank order) on every rank, when each rank checked its own part."""
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    return error
+
+
 def rank0_error(error: str | None, world: int) -> str | None:
     """Rank 0's error message on every rank, so all stop together instead of one waiting at a barrier."""
     if world > 1:

@@ -147,12 +147,19 @@ class Sae(nn.Module):
     def _decode_sparse(self, top_acts: Tensor, top_indices: Tensor, reads: _Reads = _Reads()) -> Tensor:
         return decode(top_indices, top_acts.to(self.dtype), self._decoder(), reads.W_dec)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, *, total_variance: Tensor | None = None
+    ) -> ForwardOutput:
         """Reconstruct `x` and compute the training losses.
 
         `dead_mask` is a `(num_latents,)` bool tensor of latents that have not fired for a
         while; the AuxK loss (Gao et al., appendix B.1) makes the top `d_in // 2` of them
         predict the residual `x - x_hat`, scaled down when fewer latents are dead.
+
+        The losses are sums of squared errors over `total_variance`, by default `x`'s summed
+        squared deviation from its mean. A caller splitting a batch into micro-batches passes the
+        whole batch's, so that the micro-batches' losses add up to the batch's (and a micro-batch
+        of one token, which has no variance of its own, is no special case).
         """
         self._check_input(x)
         self._check_dead_mask(dead_mask, x)
@@ -168,7 +175,9 @@ class Sae(nn.Module):
         residual = x - sae_out
 
         # Denominator that puts every loss on the scale of the data's variance.
-        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+        if total_variance is None:
+            total_variance = (x - x.mean(0)).pow(2).sum()
+        total_variance = total_variance.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
         fvu = residual.pow(2).sum() / total_variance
 
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0

@@ -74,6 +74,10 @@ def fit(
         read_threads=read_threads, wandb=wandb, progress=progress,
     )
     res = run(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:  # rank 0 speaks for the run
+        return
     if res.heldout_fvu:
         typer.echo("held-out FVU: " + "  ".join(f"{n} {v:.4f}" for n, v in res.heldout_fvu.items()))
     typer.echo(f"trained {len(res.layers)} SAE(s), {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s -> {res.out}")
@@ -99,6 +103,15 @@ def evaluate(
         raise UserError(f"{run_dir} held out no chunks; train with --holdout FRACTION to evaluate")
     saes = Sae.load_many(run_dir, local=True, layers=cfg["layers"])
     st = ActivationStore(store or cfg["store"])
+    if (
+        st.meta["data"]["fingerprint"] != cfg["store_fingerprint"]
+        or cfg.get("store_model", st.meta.get("model", {}).get("id")) != st.meta.get("model", {}).get("id")
+        or cfg.get("store_chunk_tokens", st.layout.chunk_tokens) != st.layout.chunk_tokens
+    ):
+        raise UserError(
+            f"{st.path} is not the store {run_dir} was trained on (other data, order or model), so its held-out "
+            "chunks mean nothing there; pass that store or a copy of it"
+        )
     fvu = heldout_fvu(saes, st, cfg["holdout_chunks"], exclude_first_tokens=cfg["exclude_first_tokens"],
                       exclude_token_ids=cfg["exclude_token_ids"])
     typer.echo(json.dumps(fvu, indent=2) if as_json else "\n".join(f"{n}: {v:.4f}" for n, v in fvu.items()))

@@ -39,7 +39,7 @@ class TrainConfig:
     dead_feature_threshold: int = 10_000_000
     """Tokens without firing after which a latent counts as dead."""
     max_tokens: int | None = None
-    """Stop after this many training tokens."""
+    """Stop after this many training tokens (rounded up to whole optimizer steps)."""
     epochs: int = 1
     """Passes over the training tokens."""
     seed: int = 0

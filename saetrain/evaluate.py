@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_core import Sae
+from sae_core import Sae, UserError
 from sae_core.store import ActivationStore
 
 from .loader import StoreLoader
@@ -34,6 +34,8 @@ def heldout_fvu(
             sse[name] += (x - x_hat).double().pow(2).sum().item()
             s1[name] = s1[name] + x.double().sum(0)
             s2[name] += x.double().pow(2).sum().item()
+    if count == 0:
+        raise UserError("no held-out tokens are left after the exclusions; nothing to evaluate on")
     out = {}
     for name in saes:
         total_var = s2[name] - (s1[name].pow(2).sum().item() / count)

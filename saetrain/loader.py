@@ -116,6 +116,12 @@ class StoreLoader:
             acts[name] = x[perm]
         return token_index[perm], acts
 
+    def check_finite(self) -> None:
+        """Read every chunk once, raising as training would on a kept NaN or inf token."""
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="saetrain-check") as pool:
+            for w, chunks in enumerate(self.windows(0)):
+                self._read_window(pool, 0, w, chunks)
+
     def _producer(self, epoch: int, first_window: int, q: queue.Queue, stop: threading.Event) -> None:
         try:
             with ThreadPoolExecutor(self.read_threads, thread_name_prefix="saetrain-read") as pool:
@@ -136,7 +142,11 @@ class StoreLoader:
             q.put(e)
 
     def batches(self, epoch: int, batch_size: int, *, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """Batches of `batch_size` tokens from kept-token offset `start` to `stop` of this rank's epoch."""
+        """Batches of `batch_size` tokens from kept-token offset `start` to `stop` of this rank's epoch.
+
+        A tail shorter than half a batch joins the batch before it (the last batch then holds up to
+        1.5 x `batch_size` tokens): no step trains on a handful of tokens, and every token is used.
+        """
         total = self.epoch_tokens(epoch)
         stop = total if stop is None else min(stop, total)
         counts = self.kept_counts()
@@ -151,7 +161,7 @@ class StoreLoader:
         thread.start()
         pending_idx: list[torch.Tensor] = []
         pending: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        have, pos = 0, start
+        have, pos, target = 0, start, batch_size
         try:
             while pos < stop:
                 item = q.get()
@@ -165,12 +175,14 @@ class StoreLoader:
                     skip = 0
                 off = 0
                 while off < len(idx) and pos < stop:
-                    take = min(batch_size - have, len(idx) - off, stop - pos)
+                    if have == 0:
+                        target = stop - pos if stop - pos < batch_size + batch_size // 2 else batch_size
+                    take = min(target - have, len(idx) - off, stop - pos)
                     pending_idx.append(idx[off : off + take])
                     for n in self.layers:
                         pending[n].append(acts[n][off : off + take])
                     have, off, pos = have + take, off + take, pos + take
-                    if have == batch_size or pos == stop:
+                    if have == target:
                         yield self._emit(pending_idx, pending)
                         pending_idx, pending, have = [], {n: [] for n in self.layers}, 0
         finally:

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([abs(int(k)) for k in key])
+    return np.random.default_rng([int(k) % 2**64 for k in key])  # distinct for negative seeds
 
 
 def split_holdout(chunks: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -15,13 +15,14 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sae_core import Sae, SaeConfig, UserError
-from sae_core.distributed import barrier, init_distributed, rank_device
+from sae_core.distributed import any_error, barrier, init_distributed, rank_device
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
 
@@ -69,23 +70,36 @@ def default_lr(num_latents: int) -> float:
 
 
 def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
-    if spec is None:
-        return store.layers
-    if store.layer_ids is not None:
-        from sae_core import parse_layers
+    """The store arrays `--layers` names, in the store's order: layer numbers and ranges (as
+    actcache's), array names (`layer_3`, `model.layers.3.mlp`) and fnmatch patterns of them."""
+    from sae_core import parse_layers
 
-        if spec.strip().lower().startswith(("all", "*")):
-            ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
+    if spec is None or spec.strip().lower() in ("all", "*"):
+        return store.layers
+    if store.layer_ids is not None and spec.strip().lower().startswith("all"):  # all:2
+        ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
+        return [f"layer_{i}" for i in ids]
+    wanted: set[str] = set()
+    numbers = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in store.layers:
+            wanted.add(item)
+        elif any(c in item for c in "*?["):
+            matched = [n for n in store.layers if fnmatch(n, item)]
+            if not matched:
+                raise UserError(f"--layers {item!r} matches none of the layers of {store.path}: {', '.join(store.layers)}")
+            wanted.update(matched)
         else:
-            ids = parse_layers(spec, 1 << 20)
+            numbers.append(item)
+    if numbers:
+        if store.layer_ids is None:
+            store.resolve(numbers[0])  # names the store's arrays
+        ids = parse_layers(",".join(numbers), 1 << 20)
         missing = [i for i in ids if i not in store.layer_ids]
         if missing:
             raise UserError(f"store {store.path} has no layer {missing[0]}; it has layers {store.layer_ids}")
-        return [f"layer_{i}" for i in ids]
-    names = [s.strip() for s in spec.split(",")]
-    for n in names:
-        store.resolve(n)
-    return names
+        wanted.update(f"layer_{i}" for i in ids)
+    return [n for n in store.layers if n in wanted]
 
 
 # The losses of Sae.forward that are logged per step (fields of its ForwardOutput).
@@ -115,14 +129,15 @@ class LayerTrainer:
 
     def backward(self, x: torch.Tensor, weight: float, autocast: bool) -> None:
         dead = self.dead_mask()
+        # Every micro-batch's losses are over the whole batch's variance: they add up to the batch's.
+        variance = (x - x.mean(0)).pow(2).sum()
         for micro in x.chunk(self.cfg.micro_acc_steps):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out = self.sae(micro, dead_mask=dead)
+                out = self.sae(micro, dead_mask=dead, total_variance=variance)
                 loss = out.fvu + self.cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
-            (loss * weight * len(micro) / len(x)).backward()
+            (loss * weight).backward()
             self.fired[out.latent_indices.flatten()] = True
-            frac = len(micro) / len(x)
-            self.sums += torch.stack([getattr(out, k).detach().double() for k in _LOSSES]) * frac
+            self.sums += torch.stack([getattr(out, k).detach().double() for k in _LOSSES])
         self.batches += 1
 
     def step(self, step: int, tokens: int, dp: bool) -> dict:
@@ -160,9 +175,19 @@ class LayerTrainer:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_acc_steps", "micro_acc_steps", "epochs", "k"):
+    for name in ("batch_size", "grad_acc_steps", "micro_acc_steps", "epochs", "k", "expansion_factor", "read_threads",
+                 "shuffle_window"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("num_latents", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "exclude_first_tokens",
+                 "save_every", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr} (leave it out for the default scaling law)")
+    bad_ids = [i for i in cfg.exclude_token_ids if not 0 <= i < 2**31]
+    if bad_ids:
+        raise UserError(f"--exclude-token-ids takes token ids (0 to 2**31 - 1), got {bad_ids[0]}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
     if not 0 <= cfg.holdout < 1:
@@ -170,6 +195,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise UserError("pass either --resume or --overwrite, not both")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
 
@@ -192,10 +219,12 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
     lrs = {n: cfg.lr or default_lr(m) for n, m in num_latents.items()}
     return {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "store": str(Path(cfg.store).resolve()),  # `saetrain evaluate` finds it from any working directory
         "layers": layers,
         "store_fingerprint": store.meta["data"]["fingerprint"],
         "store_model": store.meta.get("model", {}).get("id"),
         "store_tokens": store.num_tokens,
+        "store_chunk_tokens": store.layout.chunk_tokens,  # what the held-out chunk numbers count in
         "d_in": d_in,
         "num_latents_per_layer": num_latents,
         "lr": cfg.lr,
@@ -220,7 +249,9 @@ def fit(cfg: TrainConfig) -> FitResult:
         print(f"note: {store.path} is incomplete ({store.num_tokens:,} of {store.layout.num_tokens:,} tokens "
               "committed); training on the committed part", file=sys.stderr)
     layers = select_layers(store, cfg.layers)
-    _check_finite_stats(store, layers)
+    if cfg.exclude_first_tokens >= store.layout.ctx_len:
+        raise UserError(f"--exclude-first-tokens {cfg.exclude_first_tokens} drops every token: the store's sequences "
+                        f"have {store.layout.ctx_len}; lower it")
     resolved = resolve_config(cfg, store, layers, world)
     dp = world > 1 and not cfg.distribute_layers
     train_count = len(store.committed_chunks()) - len(resolved["holdout_chunks"])
@@ -234,16 +265,35 @@ def fit(cfg: TrainConfig) -> FitResult:
     init = _init_source(cfg, out, resolved) if cfg.init_from is not None else None
     if init is not None:
         resolved["init_from"] = {"run": str(cfg.init_from), **init[1]}
-    state = _prepare_out(cfg, out, resolved, rank)
-
+    plan = None
     if cfg.distribute_layers:
         plan = plan_layers({n: resolved["d_in"][n] * resolved["num_latents_per_layer"][n] for n in layers}, world)
-        mine = plan[rank]
-        if rank == 0:
-            atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
-            print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
-    else:
-        mine = layers
+    mine = plan[rank] if plan else layers
+
+    # Everything that can refuse the data is checked before the run folder is touched.
+    held = set(resolved["holdout_chunks"])
+    train_chunks = [c for c in store.committed_chunks() if c not in held]
+    loader = StoreLoader(
+        store, mine, train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
+        rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
+        exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
+    )
+    error = None
+    try:
+        _check_finite(store, mine, train_chunks, sorted(held), cfg)
+    except UserError as e:
+        error = str(e)
+    error = any_error(error, world)
+    if error:
+        raise UserError(error)
+    if _epoch_tokens(loader, 0, dp) < 2:
+        raise UserError(f"the exclusions leave {loader.epoch_tokens(0)} training token(s) in {store.path}; "
+                        "exclude fewer (--exclude-token-ids / --exclude-first-tokens) or lower --holdout")
+
+    state = _prepare_out(cfg, out, resolved, rank)
+    if plan and rank == 0:
+        atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
+        print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
     sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
                             num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
                for n in layers}
@@ -256,14 +306,6 @@ def fit(cfg: TrainConfig) -> FitResult:
     if start is not None:
         for n, t in trainers.items():
             t.since_fired = ckpt.load_layer(start / n, t.sae, t.opt).to(device)
-
-    held = set(resolved["holdout_chunks"])
-    train_chunks = [c for c in store.committed_chunks() if c not in held]
-    loader = StoreLoader(
-        store, list(trainers), train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
-        rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
-        exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
-    )
     result = _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0)
     return result
 
@@ -305,14 +347,33 @@ def _init_source(cfg: TrainConfig, out: Path, resolved: dict) -> tuple[Path | No
     return folder, {"step": state["step"], "tokens": base + state["tokens_seen"]}
 
 
-def _check_finite_stats(store: ActivationStore, layers: list[str]) -> None:
+def _check_finite(store: ActivationStore, layers: list[str], train: list[int], held: list[int], cfg: TrainConfig) -> None:
+    """Refuse NaN or inf activations before training rather than in the middle of it.
+
+    The store's statistics count non-finite tokens per layer: without exclusions such a layer is
+    refused at once; with them, it is read once to see whether the exclusions remove every bad
+    token. The held-out chunks (a small part) are read too, since only evaluation reads them.
+    """
+    excluding = bool(cfg.exclude_first_tokens or cfg.exclude_token_ids)
+    kw = dict(seed=cfg.seed, exclude_first_tokens=cfg.exclude_first_tokens, exclude_token_ids=cfg.exclude_token_ids,
+              read_threads=cfg.read_threads)
     for n in layers:
         bad = store.stats(n).nonfinite if n in store.manifest.stats else 0
-        if bad:
+        if bad and not excluding:
             raise UserError(
                 f"store {store.path}: {n} has {bad} tokens with NaN or inf activations; exclude them "
                 "(--exclude-token-ids / --exclude-first-tokens) or re-collect in a wider dtype"
             )
+        if bad:
+            StoreLoader(store, [n], train, **kw).check_finite()
+    if held and layers:
+        loader = StoreLoader(store, layers, held, **kw)
+        if loader.epoch_tokens(0) == 0:
+            raise UserError("the exclusions leave no held-out tokens to evaluate on; raise --holdout or exclude fewer")
+        try:
+            loader.check_finite()
+        except UserError as e:
+            raise UserError(f"{e} (in a held-out chunk)") from None
 
 
 def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict | None:
@@ -320,6 +381,17 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict
     state = None
     if cfg.resume and (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
+        if old.get("store_model") and old["store_model"] != resolved["store_model"]:
+            raise UserError(
+                f"cannot resume {out}: it was trained on activations of {old['store_model']}, this store holds "
+                f"{resolved['store_model']}; pass the run's store (or --overwrite)"
+            )
+        if old.get("store_tokens", resolved["store_tokens"]) != resolved["store_tokens"]:
+            raise UserError(
+                f"cannot resume {out}: the store had {old['store_tokens']:,} committed tokens when the run started "
+                f"and has {resolved['store_tokens']:,} now, which changes the data order and the held-out chunks; "
+                "start a new run (another --out) or --overwrite"
+            )
         for key in RESUME_KEYS:
             if old.get(key) != resolved.get(key):
                 raise UserError(

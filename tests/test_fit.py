@@ -206,3 +206,116 @@ def test_init_from_refuses_a_run_that_does_not_fit(store_path, tmp_path):
     ]:
         with pytest.raises(UserError, match=message):
             fit(cfg(store_path, kw.pop("out", tmp_path / "b"), **kw))
+
+
+def test_micro_batches_add_up_to_the_batch(store_path, tmp_path):
+    """--micro-acc-steps only saves memory: the same step, down to one-token micro-batches."""
+    runs = {}
+    for micro in (1, 4, 64):
+        out = tmp_path / f"m{micro}"
+        fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, micro_acc_steps=micro, auxk_alpha=0.0))
+        runs[micro] = (Sae.load_from_disk(out / "layer_1"), [ln["fvu"] for ln in _metrics(out)])
+    ref, ref_fvu = runs[1]
+    for micro in (4, 64):
+        sae, fvu = runs[micro]
+        assert fvu == pytest.approx(ref_fvu, rel=1e-5)
+        for (name, p), q in zip(ref.named_parameters(), sae.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_short_tail_joins_the_batch_before_it(store_path):
+    store = ActivationStore(store_path)
+    loader = StoreLoader(store, ["layer_1"], store.committed_chunks(), seed=0, window=4)
+    total = loader.epoch_tokens(0)
+    for size in (total - 1, total // 3, 100, 2 * (total // 5) + 1):
+        sizes = [len(b.token_index) for b in loader.batches(0, size)]
+        tail = total % size
+        merged = tail < size // 2  # the loader's rule: a tail under half a batch joins the last batch
+        expected = [size] * (total // size - 1) + [size + tail] if merged else [size] * (total // size) + [tail]
+        assert sizes == [s for s in expected if s], (size, sizes)
+        assert sum(sizes) == total and min(sizes) >= size // 2
+
+
+def test_resume_refuses_a_store_that_grew(store_path, tmp_path):
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store_path, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    full_text = (partial / "manifest.json").read_text()
+    manifest["shards"].pop(max(manifest["shards"], key=int))
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    fit(cfg(partial, out, max_tokens=64, holdout=0.2))
+    (partial / "manifest.json").write_text(full_text)
+    with pytest.raises(UserError, match=r"cannot resume .*: the store had [\d,]+ committed tokens when the run "
+                                        r"started and has [\d,]+ now, which changes the data order"):
+        fit(cfg(partial, out, resume=True, holdout=0.2))
+
+
+def test_exclusions_that_remove_every_bad_token_are_accepted(tmp_path, tiny_model_dir, tiny_text_dir):
+    """An inf embedding row makes that token's layer-0 rows inf: refused, unless the token is excluded."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import byte_tokenizer
+
+    bad_id = byte_tokenizer().convert_tokens_to_ids("e")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_id] = float("inf")
+    model.save_pretrained(tmp_path / "infmodel")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / f, tmp_path / "infmodel")
+    store = tmp_path / "inf.zarr"
+    collect(CollectConfig(out=store, model=str(tmp_path / "infmodel"), dataset=str(tiny_text_dir), ctx_len=32,
+                          layers="0", dtype="float32", device="cpu", progress=False, chunk_tokens=32))
+    with pytest.raises(UserError, match=r"layer_0 has \d+ tokens with NaN or inf"):
+        fit(cfg(store, tmp_path / "r0", layers="0"))
+    with pytest.raises(UserError, match=r"layer_0 has NaN or inf activations .* first at token \d+"):
+        fit(cfg(store, tmp_path / "r1", layers="0", exclude_token_ids=[bad_id + 1]))
+    assert not (tmp_path / "r1").exists()  # refused before anything was written
+    res = fit(cfg(store, tmp_path / "r2", layers="0", exclude_token_ids=[bad_id], holdout=0.1))
+    assert np.isfinite(res.heldout_fvu["layer_0"])
+
+
+def test_more_bad_inputs(capsys, store_path, tmp_path):
+    out = tmp_path / "run"
+    base = ["--store", store_path, "--out", out]
+    for args, message in [
+        (["--lr", -1], "--lr must be positive, got -1.0"),
+        (["--read-threads", 0], "--read-threads must be at least 1, got 0"),
+        (["--exclude-first-tokens", -3], "--exclude-first-tokens must be >= 0, got -3"),
+        (["--auxk-alpha", -1], "--auxk-alpha must be >= 0, got -1.0"),
+        (["--expansion-factor", 0], "--expansion-factor must be at least 1, got 0"),
+        (["--exclude-token-ids", "5,-1"], "--exclude-token-ids takes token ids (0 to 2**31 - 1), got -1"),
+        (["--exclude-first-tokens", 32], "--exclude-first-tokens 32 drops every token: the store's sequences have 32"),
+        (["--layers", "layer_*9"], "--layers 'layer_*9' matches none of the layers of"),
+    ]:
+        assert message in err(capsys, *base, *args)
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    assert "is a file; pass a folder for the run" in err(capsys, "--store", store_path, "--out", tmp_path / "file")
+
+
+def test_layers_by_name_and_pattern(store_path, tmp_path):
+    store = ActivationStore(store_path)
+    from saetrain.trainer import select_layers
+
+    assert select_layers(store, "layer_2,1") == ["layer_1", "layer_2"]
+    assert select_layers(store, "layer_[02]") == ["layer_0", "layer_2"]
+    assert select_layers(store, "0-3:2") == ["layer_0", "layer_2"]
+    assert select_layers(store, "all") == store.layers
+
+
+def test_evaluate_cli(capsys, store_path, tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
+    out = tmp_path / "run"
+    res = fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, holdout=0.1))
+    monkeypatch.chdir(tmp_path)  # the run records its store's absolute path
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(out), "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out) == pytest.approx(res.heldout_fvu)
+    other = tmp_path / "other.zarr"  # the same model and text, another order: its chunk numbers mean other tokens
+    collect(CollectConfig(out=other, model=str(tiny_model_dir), dataset=str(tiny_text_dir), ctx_len=32, seed=7,
+                          layers="1", dtype="float32", device="cpu", progress=False))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(out), "--store", str(other)])
+    text = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"error: {other} is not the store {out} was trained on" in text
