@@ -18,7 +18,7 @@ def test_actcache_cli():
         "collect": ["--batch-size", "--chunk-mb", "--chunk-tokens", "--codec", "--ctx-len", "--dataset", "--device",
                     "--dtype", "--gguf-file", "--hookpoints", "--layers", "--load-in-8bit", "--max-tokens", "--model",
                     "--model-dtype", "--out", "--overwrite", "--progress", "--resume", "--revision", "--seed",
-                    "--seqs-per-shard", "--shard-mb", "--split", "--text-column", "--write-threads"],
+                    "--seqs-per-shard", "--shard-mb", "--skip-tokens", "--split", "--text-column", "--write-threads"],
         "info": ["--json"],
         "verify": [],
     }
@@ -28,7 +28,7 @@ def test_saetrain_cli():
     assert options(saetrain_app) == {
         "fit": ["--auxk-alpha", "--batch-size", "--dead-feature-threshold", "--device", "--distribute-layers",
                 "--epochs", "--exclude-first-tokens", "--exclude-token-ids", "--expansion-factor", "--grad-acc-steps",
-                "--grad-clip", "--holdout", "--k", "--layers", "--lr", "--lr-warmup-steps", "--max-tokens",
+                "--grad-clip", "--holdout", "--init-from", "--k", "--layers", "--lr", "--lr-warmup-steps", "--max-tokens",
                 "--micro-acc-steps", "--multi-topk", "--num-latents", "--out", "--overwrite", "--progress",
                 "--read-threads", "--resume", "--save-every", "--seed", "--shuffle-window", "--store", "--wandb"],
         "evaluate": ["--json", "--store"],
