@@ -14,7 +14,8 @@ from .errors import UserError
 
 def make_app(help: str) -> typer.Typer:
     """A typer app with our conventions: no shell completion, help without arguments, plain tracebacks."""
-    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help,
+                       rich_markup_mode=None)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:

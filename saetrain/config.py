@@ -13,7 +13,7 @@ class TrainConfig:
     out: Path
     """Run folder: SAEs (layer_L/), config.json, metrics.jsonl, checkpoints."""
     layers: str | None = None
-    """Layers to train (a subset of the store's, same spec as actcache); default all."""
+    """Layers to train: numbers and ranges as in actcache (0-29:2), array names (layer_3) or fnmatch patterns; default all."""
     k: int = 32
     """Latents kept per token."""
     expansion_factor: int = 32
