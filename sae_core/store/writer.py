@@ -88,12 +88,19 @@ def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
     except Exception:
         old = None
     if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
-        raise UserError(f"{path} is not a resumable actcache store; pass --overwrite to start again")
+        hint = "pass --overwrite to start again" if is_store(path) else "choose another --out"
+        raise UserError(f"{path} is not a resumable actcache store; {hint}")
     new = {**meta, "layout": layout.to_dict()}
     for key, flag in RESUME_KEYS.items():
-        if old.get(key) != new.get(key):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):  # name the entry that differs, not the whole dict
+                # the setting that differs before the fingerprint that follows from it
+                sub = next(k for k in sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", str(k)))
+                           if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
             raise UserError(
-                f"cannot resume {path}: {key} differs (store: {_short(old.get(key))}, now: {_short(new.get(key))}); "
+                f"cannot resume {path}: {key} differs (store: {_short(a)}, now: {_short(b)}); "
                 f"use the same {flag} as the first run, or --overwrite"
             )
 
@@ -126,6 +133,30 @@ def lock_store(path: Path):
         f.close()
         raise UserError(f"another `actcache collect` is writing {path}; wait for it to finish or stop it") from None
     return f
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` holds an actcache store (perhaps one whose creation or collection crashed)."""
+    import json
+
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    # A store whose creation crashed has its arrays but not yet its attributes.
+    return ATTRS_KEY in attrs or ((path / "layers").is_dir() and (path / "tokens").is_dir())
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an --out that cannot be created: under a file, or in a folder this process cannot write."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise UserError(f"cannot create {path}: {existing} is a file; choose another --out")
+    target = path if existing == path else existing
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {target} (permission denied or read-only); choose another --out")
 
 
 def check_disk_space(path: Path, needed: int) -> None:
