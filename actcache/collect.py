@@ -14,7 +14,7 @@ import torch
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
 from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
-from sae_core.models import DEFAULT_MODEL_ID
+from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
 from sae_core.store.manifest import Manifest, read_manifests
@@ -98,7 +98,7 @@ def _model_meta(cfg: CollectConfig, model) -> dict:
 def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -> dict[str, int]:
     """Run 2 sequences of `ctx_len` tokens once, before anything is written: the width of each target,
     and a one-line error for a context the model cannot take or a hookpoint without one row per token."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     limit = next((v for a in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, a, None), int)), None)
     if limit and ctx_len > limit:
         raise UserError(f"--ctx-len {ctx_len} is longer than the model's context ({limit} positions); lower --ctx-len")

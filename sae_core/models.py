@@ -181,7 +181,13 @@ def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_c
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        except ValueError as e:
+            raise UserError(
+                f"cannot load the tokenizer of {name_or_path!r} ({_first_line(e)}); the model needs its tokenizer "
+                "files (tokenizer.json or tokenizer.model) beside it"
+            ) from None
         if load_in_8bit:
             from transformers import BitsAndBytesConfig
 
@@ -192,14 +198,21 @@ def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_c
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(dev)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot load model {name_or_path!r}: {first} "
+            f"cannot load model {name_or_path!r}: {_first_line(e)} "
             "(pass a local folder, a .gguf file, or a Hub id that is cached or reachable)"
         ) from None
+    except UserError:
+        raise
+    except ValueError as e:  # e.g. an encoder-decoder or encoder-only model
+        raise UserError(f"cannot load {name_or_path!r} as a causal language model ({_first_line(e)})") from None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def text_config(model: nn.Module):

@@ -72,6 +72,21 @@ def test_bad_model_args(kwargs, match):
         load_model(**kwargs)
 
 
+def test_folder_without_tokenizer_or_not_a_causal_lm(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "notok")
+    with pytest.raises(UserError, match=r"cannot load the tokenizer of .*notok.*needs its tokenizer files"):
+        load_model(str(tmp_path / "notok"))
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=257)).save_pretrained(
+        tmp_path / "t5")
+    from tests.conftest import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "t5")
+    with pytest.raises(UserError, match=r"cannot load .*t5' as a causal language model \(Unrecognized configuration"):
+        load_model(str(tmp_path / "t5"))
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(UserError, match=r"has no config.json"):
         load_model(str(tmp_path))
