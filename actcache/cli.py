@@ -90,7 +90,11 @@ def verify(store: Path = typer.Argument(..., help="Store to check.")) -> None:
     if problems:
         typer.echo(f"{store}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{store}: OK")
+    from sae_core.store import ActivationStore
+
+    s = ActivationStore(store)
+    typer.echo(f"{store}: OK ({len(s.committed_shards)} of {s.layout.num_shards} shards committed, "
+               f"{s.num_tokens:,} of {s.layout.num_tokens:,} tokens)")
 
 
 def main(argv: list[str] | None = None) -> None:

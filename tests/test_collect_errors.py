@@ -131,6 +131,18 @@ def test_bad_options(capsys, base, argv, msg):
     assert msg in cli(capsys, *base, *argv)
 
 
+def test_verify_reports_what_is_committed(capsys, store):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(store)])
+    assert e.value.code in (0, None)
+    assert capsys.readouterr().out.strip() == f"{store}: OK (9 of 9 shards committed, 1,056 of 1,056 tokens)"
+    (store / "manifest.json").write_text("{not json")
+    assert "manifest.json is corrupt (JSONDecodeError" in cli(capsys, "verify", store)
+    assert "the record of committed shards is lost; restore it from a copy or collect again with --overwrite" in \
+        cli(capsys, "info", store)
+
+
 def test_corrupted_chunk(capsys, store):
     shard = store / "layers" / "layer_2" / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())

@@ -80,7 +80,10 @@ class Manifest:
             }
             stats = {k: RunningStats.from_json(v) for k, v in d.get("stats", {}).items()}
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{source} is corrupt ({type(e).__name__}: {e}); run `actcache verify`") from None
+            raise UserError(
+                f"{source} is corrupt ({type(e).__name__}: {e}): the record of committed shards is lost; restore it "
+                "from a copy or collect again with --overwrite"
+            ) from None
         return cls(shards, stats)
 
     def save(self, root: Path, rank: int | None) -> None:
