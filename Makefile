@@ -38,8 +38,9 @@ clean:
 tiny-debug: setup
 	$(BIN)/python -m pipelines.run tiny-debug
 
-# The full recipe behind EleutherAI/sae-llama-3-8b-32x: needs GPUs and Hub access.
-# NPROC GPUs collect data-parallel, then train with the 32 layers spread over them.
+# The full recipe behind EleutherAI/sae-llama-3-8b-32x: needs GPUs, Hub access and ~8 TiB of disk.
+# In rounds of 2**25 tokens: NPROC GPUs collect a window data-parallel, then train on it with the
+# 32 layers spread over them, starting from the last round's SAEs; rerun to continue after a crash.
 NPROC ?= 8
 reproduce-llama3: setup
 	$(BIN)/torchrun --nproc_per_node $(NPROC) -m pipelines.run llama3-8b-32x
