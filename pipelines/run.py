@@ -64,6 +64,7 @@ def run_rounds(recipe: Recipe) -> int:
 
     t0 = time.perf_counter()
     rank, _ = init_distributed()
+    say = print if rank == 0 else (lambda *a, **kw: None)  # one voice under torchrun
     runs = Path(recipe.train.out)
     progress = runs / "rounds.json"
     done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
@@ -73,16 +74,16 @@ def run_rounds(recipe: Recipe) -> int:
     fit_res = None
     for r in range(done + 1, recipe.rounds):
         c = dataclasses.replace(recipe.collect, skip_tokens=r * window)
-        print(f"== round {r + 1}/{recipe.rounds}: tokens {c.skip_tokens:,} to {c.skip_tokens + window:,}")
+        say(f"== round {r + 1}/{recipe.rounds}: tokens {c.skip_tokens:,} to {c.skip_tokens + window:,}")
         same = _store_window(c.out) == c.skip_tokens
         barrier()  # every rank has looked before rank 0 replaces the store
         if same and ActivationStore(c.out).complete:
-            print(f"   {c.out} holds this window, skipping collection")
+            say(f"   {c.out} holds this window, skipping collection")
         else:
             try:
                 collect(dataclasses.replace(c, resume=same, overwrite=not same and c.out.exists()))
             except DataExhausted:
-                print(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
+                say(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
                 break
         out = runs / f"round_{r:04d}"
         prev = runs / f"round_{r - 1:04d}" if r else None
@@ -93,11 +94,12 @@ def run_rounds(recipe: Recipe) -> int:
                 if old != out:
                     shutil.rmtree(old, ignore_errors=True)
         barrier()
-    print(f"== done in {time.perf_counter() - t0:.0f}s")
+    say(f"== done in {time.perf_counter() - t0:.0f}s")
     if fit_res is not None:
-        _report(fit_res)
+        if rank == 0:
+            _report(fit_res)
     elif progress.is_file():
-        print(f"   every round had finished; SAEs: {json.loads(progress.read_text())['latest']}/<layer>/")
+        say(f"   SAEs of the last finished round: {json.loads(progress.read_text())['latest']}/<layer>/")
     return 0
 
 
