@@ -14,6 +14,7 @@ import torch
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
 from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
+from sae_core.errors import first_line
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
@@ -107,9 +108,8 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the model's forward pass
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            f"the model fails on 2 sequences of --ctx-len {ctx_len} tokens ({type(e).__name__}: {first}); "
+            f"the model fails on 2 sequences of --ctx-len {ctx_len} tokens ({first_line(e)}); "
             "lower --ctx-len or check --model"
         ) from None
     for name, t in out.items():

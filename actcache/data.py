@@ -24,6 +24,7 @@ import numpy as np
 
 from sae_core import UserError
 from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
+from sae_core.errors import first_line
 from sae_core.models import cache_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
@@ -166,7 +167,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
             try:
                 saved = datasets.load_from_disk(str(path))
             except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
-                raise UserError(f"cannot read the saved dataset {path} ({_first_line(e)}); save it again") from None
+                raise UserError(f"cannot read the saved dataset {path} ({first_line(e)}); save it again") from None
             return _from_table(_pick_split(saved, dataset, split), str(path.resolve()), text_column)
         files = sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p) is not None)
         if not files:
@@ -183,7 +184,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
             ds = datasets.load_dataset(dataset, split=split)
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise UserError(
-                f"cannot load dataset {dataset!r} (split {split!r}): {_first_line(e)}; pass a local path or a cached Hub id"
+                f"cannot load dataset {dataset!r} (split {split!r}): {first_line(e)}; pass a local path or a cached Hub id"
             ) from None
         return _from_table(ds, dataset, text_column)
 
@@ -198,13 +199,8 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
         where = files[0] if len(files) == 1 else f"{len(files)} files under {path}"
-        raise UserError(f"cannot read {where} as {kind} ({_first_line(e)}); check the data (empty? not UTF-8?)") from None
+        raise UserError(f"cannot read {where} as {kind} ({first_line(e)}); check the data (empty? not UTF-8?)") from None
     return _from_table(ds, source, text_column)
-
-
-def _first_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _token_stream(docs: Documents, tokenizer, batch: int = 64) -> Iterator[list[int]]:

