@@ -257,6 +257,9 @@ def test_a_missing_shard_file_is_an_error_not_zeros(store):
     with pytest.raises(StoreCorruptError, match=r"layers/layer_2/c/1/0 \(shard 1 of layer_2\) is missing"):
         s.read(2, 0, s.num_tokens)
     s.read(0, 0, s.num_tokens)  # the other layer is whole
+    sorted(p for p in (store / "tokens" / "c").rglob("*") if p.is_file())[0].unlink()
+    with pytest.raises(StoreCorruptError, match=r"tokens/c/0 \(shard 0 of tokens\) is missing"):
+        s.tokens(0, 32)
 
 
 def torch_equal(a, b) -> bool:

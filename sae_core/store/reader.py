@@ -135,7 +135,7 @@ class ActivationStore:
 
     def _check_files(self, name: str, start: int, stop: int) -> None:
         """A committed shard's file that is gone would read back as zeros (Zarr's fill value): refuse."""
-        prefix = array_path(name) + "/"
+        prefix = ("tokens" if name == "tokens" else array_path(name)) + "/"
         st = self.layout.shard_tokens
         for s in range(start // st, (stop - 1) // st + 1) if stop > start else ():
             for rel in self.manifest.shards[s].files:
