@@ -121,9 +121,8 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
     return {name: int(t.shape[-1]) for name, t in out.items()}
 
 
-def prepare(cfg: CollectConfig, model, tokenizer) -> tuple[np.ndarray, dict]:
+def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.ndarray, dict]:
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
-    docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     seqs = data.order(data.packed(docs, tokenizer, cfg.ctx_len), cfg.seed)
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
     if skip >= len(seqs):
@@ -155,6 +154,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     _validate(cfg)
     rank, world = init_distributed()
     device = rank_device(cfg.device, rank, world)
+    docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)  # its errors come first
     model, tokenizer = load_model(
         cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
         load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,
@@ -165,7 +165,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
         layers, hookpoints = parse_layers(cfg.layers or "all", num_layers(model)), None
     capture = Capture(model, layers=layers, hookpoints=hookpoints)
     widths = _probe_widths(capture, model, device, cfg.ctx_len)
-    seqs, data_meta = prepare(cfg, model, tokenizer)
+    seqs, data_meta = prepare(cfg, docs, tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
     if len(seqs) and (top := int(seqs.max())) >= vocab:
         raise UserError(

@@ -26,6 +26,7 @@ from sae_core import UserError
 from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
 from sae_core.errors import first_line
 from sae_core.models import cache_dir
+from sae_core.online import not_cached, offline_unless_reachable
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -180,9 +181,13 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     ):
         raise UserError(f"dataset path {dataset} does not exist; check the path")
     else:
+        online = True
         try:
-            ds = datasets.load_dataset(dataset, split=split)
-        except Exception as e:  # datasets raises many types for "not found / offline"
+            with offline_unless_reachable() as online:
+                ds = datasets.load_dataset(dataset, split=split)
+        except Exception as e:  # datasets raises many types for "not found / unknown split"
+            if not online and isinstance(e, OSError):  # a cache miss in offline mode
+                raise UserError(f"cannot load dataset {dataset!r}: {not_cached('it')}; or pass a local path") from None
             raise UserError(
                 f"cannot load dataset {dataset!r} (split {split!r}): {first_line(e)}; pass a local path or a cached Hub id"
             ) from None

