@@ -123,16 +123,18 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
 
 def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.ndarray, dict]:
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
-    seqs = data.order(data.packed(docs, tokenizer, cfg.ctx_len), cfg.seed)
+    packed = data.packed(docs, tokenizer, cfg.ctx_len)  # a memory map when cached
+    window = data.order(len(packed), cfg.seed)
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
-    if skip >= len(seqs):
+    if skip >= len(window):
         raise DataExhausted(
-            f"--skip-tokens {cfg.skip_tokens:,} skips all {len(seqs) * cfg.ctx_len:,} tokens of dataset {docs.id}; "
+            f"--skip-tokens {cfg.skip_tokens:,} skips all {len(window) * cfg.ctx_len:,} tokens of dataset {docs.id}; "
             "lower it (or add data)"
         )
-    seqs = seqs[skip:]
+    window = window[skip:]
     if cfg.max_tokens is not None:
-        seqs = seqs[: -(-cfg.max_tokens // cfg.ctx_len)]
+        window = window[: -(-cfg.max_tokens // cfg.ctx_len)]
+    seqs = packed[window]  # only this window is read into memory
     meta = {
         "dataset": docs.id,
         "split": cfg.split if cfg.dataset else None,

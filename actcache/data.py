@@ -287,11 +287,12 @@ def _cache_path(docs: Documents, tokenizer, ctx_len: int) -> Path | None:
     return cache_dir() / "packed" / f"{h.hexdigest()[:32]}.npy"
 
 
-def order(seqs: np.ndarray, seed: int | None) -> np.ndarray:
-    """The sequence order: a seeded permutation (None keeps the dataset's order)."""
+def order(num_sequences: int, seed: int | None) -> np.ndarray:
+    """The collection order of the packed sequences: a seeded permutation of their indices (None keeps
+    the dataset's order)."""
     if seed is None:
-        return seqs
-    return seqs[np.random.default_rng(seed).permutation(len(seqs))]
+        return np.arange(num_sequences)
+    return np.random.default_rng(seed).permutation(num_sequences)
 
 
 def fingerprint(seqs: np.ndarray) -> str:
