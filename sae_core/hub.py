@@ -25,6 +25,7 @@ from .checkpoint import (
     select_folders,
 )
 from .errors import UserError
+from .online import not_cached
 from .sae import Sae
 
 
@@ -38,11 +39,8 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
     except RevisionNotFoundError:
         raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}; check the branch, tag or commit") from None
     except LocalEntryNotFoundError:
-        raise UserError(
-            f"{' or '.join(sorted({p.split('/')[0] for p in allow_patterns if '/' in p})) or 'the SAE'} of {repo_id!r} "
-            "is not in the local Hub cache and the Hub cannot be reached (offline?); "
-            "download it once with network access or unset HF_HUB_OFFLINE"
-        ) from None
+        folders = " or ".join(sorted({p.split("/")[0] for p in allow_patterns if "/" in p})) or "the SAE"
+        raise UserError(not_cached(f"{folders} of {repo_id!r}")) from None
 
 
 def _cached_repo_files(repo_id: str, revision: str | None) -> list[str] | None:

@@ -56,8 +56,6 @@ def offline_unless_reachable() -> Iterator[bool]:
     if (config := sys.modules.get("datasets.config")) is not None:
         flags += [(config, name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(config, name)]
     saved = [getattr(obj, name) for obj, name in flags]
-    saved_env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported inside the block
     for obj, name in flags:
         setattr(obj, name, True)
     try:
@@ -65,15 +63,13 @@ def offline_unless_reachable() -> Iterator[bool]:
     finally:
         for (obj, name), value in zip(flags, saved, strict=True):
             setattr(obj, name, value)
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def not_cached(what: str) -> str:
     """The tail of the error for a Hub id that is neither cached nor reachable."""
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return f"{what} is not in the local Hub cache and HF_HUB_OFFLINE is set; unset it to download"
     return (
         f"{what} is not in the local Hub cache and the Hub ({hub_endpoint()}) cannot be reached; "
-        "download it once with network access (or unset HF_HUB_OFFLINE)"
+        "download it once with network access"
     )
