@@ -1,5 +1,8 @@
 """Run a named recipe end to end: `python -m pipelines.run smollm2-demo`.
 
+A recipe is a preset (`presets.PRESETS`) or your own, `python -m pipelines.run my_recipes.py:sweep`:
+a function in a Python file that returns a `pipelines.presets.Recipe`.
+
 Collection resumes an unfinished store and is skipped when the store is complete; training
 starts afresh (or resumes with --resume). A recipe in rounds (`Recipe.rounds`) collects one
 window of the data at a time into the same store and trains `saes/round_N` from `round_N-1`;
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import shutil
 import sys
@@ -24,8 +28,33 @@ from sae_core.store.manifest import atomic_write
 from .presets import PRESETS, Recipe
 
 
+def load_recipe(name: str) -> Recipe:
+    """A preset by name, or `FILE.py:FUNCTION`: the Recipe that FUNCTION in FILE returns."""
+    if name in PRESETS:
+        return PRESETS[name]()
+    file, sep, func = name.rpartition(":")
+    if not (sep and file.endswith(".py")):
+        raise UserError(
+            f"unknown recipe {name!r}; pass one of {', '.join(sorted(PRESETS))}, or FILE.py:FUNCTION returning a "
+            "pipelines.presets.Recipe"
+        )
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UserError(f"recipe file {file} does not exist; check the path")
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its own errors keep their traceback: it is the user's code
+    make = getattr(module, func, None)
+    if not callable(make):
+        raise UserError(f"recipe file {file} has no function {func!r}; name a function that returns a Recipe")
+    recipe = make()
+    if not isinstance(recipe, Recipe):
+        raise UserError(f"{name} returned {type(recipe).__name__}, not a pipelines.presets.Recipe")
+    return recipe
+
+
 def run(name: str, *, resume_training: bool = False) -> int:
-    recipe = PRESETS[name]()
+    recipe = load_recipe(name)
     print(f"== {recipe.name}: {recipe.description}")
     if recipe.rounds > 1:
         return run_rounds(recipe)
@@ -115,7 +144,7 @@ def _store_window(path: Path) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe", choices=sorted(PRESETS))
+    p.add_argument("recipe", help=f"one of {', '.join(sorted(PRESETS))}, or FILE.py:FUNCTION returning a Recipe")
     p.add_argument("--resume-training", action="store_true", help="continue the last training checkpoint")
     args = p.parse_args(argv)
     try:

@@ -1,38 +1,106 @@
-"""pipelines.run: a recipe in rounds collects one window of the data at a time and trains on from the last round."""
+"""pipelines.run: recipes from a file; a recipe in rounds collects one window of the data at a time and
+trains on from the last round, in one process and under torchrun."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines import run
+from sae_core.store import ActivationStore
+from tests.fit_fixtures import Job, torchrun
+
+# A recipe file as a user writes one: 4 rounds of 12-sequence windows over ~33 sequences.
+RECIPE = """
+from pathlib import Path
 
 from actcache import CollectConfig
-from pipelines import presets, run
-from sae_core.store import ActivationStore
+from pipelines.presets import Recipe
 from saetrain import TrainConfig
 
 
-def test_rounds_train_on_consecutive_windows(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch, capsys):
-    store, runs = tmp_path / "acts.zarr", tmp_path / "saes"
-    recipe = presets.Recipe(
+def tiny(root=Path({root!r})):
+    store = root / "acts.zarr"
+    return Recipe(
         "tiny-rounds", "tiny model, windows of 12 sequences",
-        CollectConfig(out=store, model=str(tiny_model_dir), dataset=str(tiny_text_dir), layers="1,2", ctx_len=32,
-                      max_tokens=12 * 32, seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu",
-                      progress=False),
-        TrainConfig(store=store, out=runs, k=4, expansion_factor=4, batch_size=64, lr_warmup_steps=2, save_every=0,
-                    shuffle_window=4, device="cpu", progress=False),
+        CollectConfig(out=store, model={model!r}, dataset={data!r}, layers="1,2", ctx_len=32, max_tokens=12 * 32,
+                      seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False),
+        TrainConfig(store=store, out=root / "saes", k=4, expansion_factor=4, batch_size=64, lr_warmup_steps=2,
+                    save_every=0, shuffle_window=4, device="cpu", progress=False, distribute_layers=True),
         rounds=4,
     )
-    monkeypatch.setitem(presets.PRESETS, "tiny-rounds", lambda: recipe)
-    assert run.main(["tiny-rounds"]) == 0
-    text = capsys.readouterr().out
+"""
+
+
+def recipe_file(root: Path, model: Path, data: Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipes.py").write_text(RECIPE.format(root=str(root), model=str(model), data=str(data)))
+    return f"{root / 'recipes.py'}:tiny"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir, tiny_text_dir) -> tuple[Path, str]:
+    """The rounds recipe run in this process: its root and what it printed."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("rounds_single")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run.main([recipe_file(root, tiny_model_dir, tiny_text_dir)]) == 0
+    return root, printed.getvalue()
+
+
+def test_rounds_train_on_consecutive_windows(single, tiny_model_dir, tiny_text_dir, capsys):
+    root, text = single
+    runs = root / "saes"
     # The data (33 sequences) holds three windows: the fourth round finds it exhausted.
     assert "round 3/4: tokens 768 to 1,152" in text and "the data ends before token 1,152: stopping after 3 round(s)" in text
     assert json.loads((runs / "rounds.json").read_text()) == {"done": 2, "latest": str(runs / "round_0002")}
     assert sorted(p.name for p in runs.glob("round_*")) == ["round_0002"]  # earlier rounds are folded in
-    assert ActivationStore(store).meta["data"]["skip_tokens"] == 768
+    assert ActivationStore(root / "acts.zarr").meta["data"]["skip_tokens"] == 768
     config = json.loads((runs / "round_0002" / "config.json").read_text())
     steps = [json.loads(ln)["step"] for ln in (runs / "round_0002" / "metrics.jsonl").read_text().splitlines()]
     # Round 2 starts after the 12 + 12 sequences (6 + 6 steps of 64 tokens) of rounds 0 and 1.
     assert config["init_from"] == {"run": str(runs / "round_0001"), "step": 12, "tokens": 768}
     assert steps[0] == 13 and steps[-1] == 13 + 4  # the last window holds 9 sequences: 4 full steps + 1 partial
-    assert run.main(["tiny-rounds"]) == 0  # a rerun continues after the last finished round: nothing left
+    assert run.main([recipe_file(root, tiny_model_dir, tiny_text_dir)]) == 0  # a rerun: nothing left to do
     assert "stopping after 3 round(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_rounds_under_torchrun_equal_one_process(single, tmp_path, tiny_model_dir, tiny_text_dir):
+    """2 ranks: each window collected data-parallel into one store, its layers trained one per rank."""
+    root = tmp_path / "dist"
+    job = Job(torchrun(2, "pipelines.run", [recipe_file(root, tiny_model_dir, tiny_text_dir)]), tmp_path / "log").ok()
+    assert job.stdout.count("stopping after 3 round(s)") == 1  # rank 0 alone speaks
+    assert json.loads((root / "saes" / "rounds.json").read_text())["done"] == 2
+    ref, got = ActivationStore(single[0] / "acts.zarr"), ActivationStore(root / "acts.zarr")
+    assert got.meta["data"]["fingerprint"] == ref.meta["data"]["fingerprint"]
+    assert torch.equal(got.read("layer_2", 0, got.num_tokens), ref.read("layer_2", 0, ref.num_tokens))
+    for layer in ("layer_1", "layer_2"):
+        a = load_file(single[0] / "saes" / "round_0002" / layer / "sae.safetensors")
+        b = load_file(root / "saes" / "round_0002" / layer / "sae.safetensors")
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=f"{layer}/{name}")
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("nope", "unknown recipe 'nope'; pass one of llama3-8b-32x, smollm2-demo, tiny-debug, or FILE.py:FUNCTION"),
+        ("missing.py:f", "recipe file missing.py does not exist"),
+        ("{file}:other", "has no function 'other'; name a function that returns a Recipe"),
+        ("{file}:number", ":number returned int, not a pipelines.presets.Recipe"),
+    ],
+)
+def test_bad_recipe(tmp_path, capsys, arg, message):
+    file = tmp_path / "r.py"
+    file.write_text("def number():\n    return 3\n")
+    assert run.main([arg.format(file=file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
