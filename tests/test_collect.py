@@ -82,7 +82,7 @@ def test_hookpoints_equal_module_outputs(tmp_path, tiny_model_dir, tiny_text_dir
 
 def test_tokens_are_the_packed_documents_in_seeded_order(tmp_path, tiny_model_dir, tiny_text_dir):
     tok = byte_tokenizer()
-    expected = pack(Documents("x", texts=TINY_TEXT), tok, CTX)
+    expected = pack(Documents.of_texts("x", TINY_TEXT), tok, CTX)
     # Documents are joined by EOS, never split by line.
     flat = [i for t in TINY_TEXT for i in tok(t)["input_ids"] + [tok.eos_token_id]]
     assert np.array_equal(expected.reshape(-1), np.array(flat[: expected.size]))
@@ -90,10 +90,53 @@ def test_tokens_are_the_packed_documents_in_seeded_order(tmp_path, tiny_model_di
     plain = run(tmp_path, tiny_model_dir, tiny_text_dir, name="plain.zarr", layers="0", seed=None)
     assert torch.equal(plain.tokens().reshape(-1, CTX), torch.from_numpy(expected).long())
     shuffled = run(tmp_path, tiny_model_dir, tiny_text_dir, name="shuf.zarr", layers="0", seed=3)
-    got = shuffled.tokens().reshape(-1, CTX)
-    assert not torch.equal(got, plain.tokens().reshape(-1, CTX))
-    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+    # The documented order, built independently: documents in the seed's order, packed, then the
+    # sequences of each block (here all of them: one block) in an order of their own.
+    docs = np.random.default_rng([3, 0]).permutation(len(TINY_TEXT))
+    flat = [i for d in docs for i in tok(TINY_TEXT[d])["input_ids"] + [tok.eos_token_id]]
+    n = len(flat) // CTX
+    seqs = np.array(flat[: n * CTX]).reshape(n, CTX)[np.random.default_rng([3, 1, 0]).permutation(n)]
+    assert torch.equal(shuffled.tokens().reshape(-1, CTX), torch.from_numpy(seqs).long())
     assert shuffled.meta["data"]["fingerprint"] != plain.meta["data"]["fingerprint"]
+
+
+def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
+    """A window of the order tokenizes documents up to the end of its last block, and the cache
+    continues packing where the last window stopped."""
+    from actcache import data
+
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "BLOCK_TOKENS", 4 * CTX)  # blocks of 4 sequences
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 2)
+    tok = byte_tokenizer()
+    texts = [f"Document {i}. " + "word " * (7 * i % 23 + 3) for i in range(60)]
+    fetched = []
+
+    def docs(key="k"):
+        d = Documents.of_texts("many", texts, content_key=key)
+        fetch = d.fetch
+        d.fetch = lambda idx: fetched.extend(idx) or fetch(idx)
+        return d
+
+    full, total = data.window(docs(None), tok, CTX, 5, 0, None)  # no content key: no cache
+    assert total == len(full) and len(set(fetched)) == 60
+    # Independent of the window: consecutive slices of one order.
+    fetched.clear()
+    a, _ = data.window(docs(), tok, CTX, 5, 0, 3)
+    first_docs = len(fetched)
+    assert np.array_equal(a, full[:3]) and first_docs < 30
+    # A crash between appending sequences and saving the state that counts them: the extra bytes are dropped.
+    (folder,) = (tmp_path / "cache" / "packed").iterdir()
+    with open(folder / "sequences.i32", "ab") as f:
+        f.write(b"junk" * CTX * 3)
+    b, _ = data.window(docs(), tok, CTX, 5, 5, 6)
+    assert np.array_equal(b, full[5:11])
+    assert len(fetched) == len(set(fetched)) < 60  # each document tokenized once, only as far as needed
+    c, total_c = data.window(docs(), tok, CTX, 5, len(full) - 2, 10)
+    assert np.array_equal(c, full[-2:]) and total_c == len(full)
+    empty, _ = data.window(docs(), tok, CTX, 5, len(full), 10)
+    assert len(empty) == 0 and sorted(fetched) == list(range(60))
+    assert (folder / "sequences.i32").stat().st_size == len(full) * CTX * 4
 
 
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
@@ -143,20 +186,19 @@ def test_packed_sequences_are_cached(tmp_path, tiny_model_dir, tiny_text_dir, mo
     from actcache import data
 
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "CACHE_MIN_TOKENS", 0)
     texts = tmp_path / "texts"
     shutil.copytree(tiny_text_dir, texts)
     first = run(tmp_path, tiny_model_dir, texts, name="a.zarr", layers="0", seed=3)
-    assert len(list((tmp_path / "cache" / "packed").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1
     packs = []
-    real_pack = data.pack
-    monkeypatch.setattr(data, "pack", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
+    real_pack = data._pack_more
+    monkeypatch.setattr(data, "_pack_more", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
     again = run(tmp_path, tiny_model_dir, texts, name="b.zarr", layers="0", seed=3, skip_tokens=CTX, max_tokens=2 * CTX)
     assert packs == [] and torch.equal(again.tokens(), first.tokens()[CTX : 3 * CTX])
     (texts / "doc1.txt").write_text("Something else entirely, and longer than before.\n" * 20)
     changed = run(tmp_path, tiny_model_dir, texts, name="c.zarr", layers="0", seed=3)
     assert packs == [1] and changed.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
-    assert len(list((tmp_path / "cache" / "packed").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "cache" / "packed").iterdir())) == 2
 
 
 def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 
 import numpy as np
@@ -251,6 +253,22 @@ def test_resume_refuses_a_store_that_grew(store_path, tmp_path):
         fit(cfg(partial, out, resume=True, holdout=0.2))
 
 
+@pytest.mark.parametrize(
+    "change, key",
+    [(dict(expansion_factor=8), "num_latents_per_layer"), (dict(num_latents=48), "num_latents_per_layer"),
+     (dict(grad_clip=0.01), "grad_clip"), (dict(lr=1e-3), "lr")],
+)
+def test_resume_refuses_settings_that_change_the_trajectory(store_path, tmp_path, change, key):
+    out = tmp_path / "run"
+    fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, save_every=2))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=rf"^cannot resume {re.escape(str(out))}: {key} differs \(run: "):
+        fit(cfg(store_path, out, layers="1", max_tokens=6 * 64, save_every=2, resume=True, **change))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Splitting the batch differently does not change a step: accepted.
+    fit(cfg(store_path, out, layers="1", max_tokens=6 * 64, save_every=2, resume=True, micro_acc_steps=4))
+
+
 def test_exclusions_that_remove_every_bad_token_are_accepted(tmp_path, tiny_model_dir, tiny_text_dir):
     """An inf embedding row makes that token's layer-0 rows inf: refused, unless the token is excluded."""
     from transformers import AutoModelForCausalLM
@@ -288,6 +306,8 @@ def test_more_bad_inputs(capsys, store_path, tmp_path):
         (["--exclude-token-ids", "5,-1"], "--exclude-token-ids takes token ids (0 to 2**31 - 1), got -1"),
         (["--exclude-first-tokens", 32], "--exclude-first-tokens 32 drops every token: the store's sequences have 32"),
         (["--layers", "layer_*9"], "--layers 'layer_*9' matches none of the layers of"),
+        *([(["--wandb", "proj"], "--wandb needs the wandb package: pip install wandb")]
+          if importlib.util.find_spec("wandb") is None else []),
     ]:
         assert message in err(capsys, *base, *args)
     assert not out.exists()
