@@ -11,10 +11,10 @@ The order of a collection is a pure function of the data, the tokenizer, `ctx_le
 
 A window of that order (`--skip-tokens`, `--max-tokens`) needs the documents only up to the
 end of its last block: a 10M-token collection from a 1T-token dataset tokenizes ~10M tokens.
-The packed sequences are cached (`$SAE_CORE_CACHE/packed/`, keyed by the data's files or
-`datasets` fingerprint, the tokenizer, `ctx_len` and the seed) and extended on demand, so
-resuming a collection or collecting the next window does not tokenize anything twice, and
-ranks under torchrun tokenize once between them.
+The packed sequences of data of 16 MB or more are cached (`$SAE_CORE_CACHE/packed/`, keyed
+by the data's files or `datasets` fingerprint, the tokenizer, `ctx_len` and the seed) and
+extended on demand, so resuming a collection or collecting the next window does not tokenize
+anything twice, and ranks under torchrun tokenize once between them.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class Documents:
     tokenized: bool = False
     content_key: str | None = None
     """What identifies the content (files with sizes and mtimes, a `datasets` fingerprint); None: unknown."""
+    nbytes: int | None = None
+    """The data's size on disk, where known: small data is packed afresh each time, not cached."""
 
     @classmethod
     def of_texts(cls, id: str, texts: Sequence[str], content_key: str | None = None) -> Documents:
@@ -70,6 +72,8 @@ class Documents:
 
 # Bumped whenever packing changes what it produces, so that older cache entries are not used.
 PACK_VERSION = 2
+# Data smaller than this (about 4M tokens of text) packs in seconds: it is not cached.
+CACHE_MIN_BYTES = 16 << 20
 # Sequences are shuffled within blocks of this many tokens (see the module docstring).
 BLOCK_TOKENS = 1 << 20
 # Documents tokenized per call of the tokenizer.
@@ -91,7 +95,10 @@ def _embedded() -> Documents:
 
 def _file_documents(source: str, files: list[Path]) -> Documents:
     """One document per text file."""
-    return Documents(source, len(files), lambda idx: [_read_text(files[i]) for i in idx], content_key=_files_key(files))
+    return Documents(
+        source, len(files), lambda idx: [_read_text(files[i]) for i in idx], content_key=_files_key(files),
+        nbytes=sum(f.stat().st_size for f in files),
+    )
 
 
 def file_kind(path: Path) -> str | None:
@@ -140,7 +147,9 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
     key = getattr(ds, "_fingerprint", None)  # datasets' hash of the data and every transform applied to it
     if "input_ids" in ds.column_names:
         rows = ds.select_columns(["input_ids"])
-        return Documents(source, len(ds), lambda idx: rows[list(idx)]["input_ids"], tokenized=True, content_key=key)
+        return Documents(
+            source, len(ds), lambda idx: rows[list(idx)]["input_ids"], tokenized=True, content_key=key, nbytes=_nbytes(ds)
+        )
     if text_column not in ds.column_names:
         raise UserError(
             f"dataset {source} has no column {text_column!r}; its columns are {', '.join(ds.column_names)}: "
@@ -160,7 +169,11 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
         except UnicodeDecodeError as e:  # pyarrow decodes the strings as they are read
             raise UserError(f"dataset {source} holds text that is not UTF-8 ({e.reason}); re-encode it as UTF-8") from None
 
-    return Documents(source, len(ds), fetch, content_key=key and f"{key}:{text_column}")
+    return Documents(source, len(ds), fetch, content_key=key and f"{key}:{text_column}", nbytes=_nbytes(ds))
+
+
+def _nbytes(ds) -> int | None:
+    return getattr(getattr(ds, "data", None), "nbytes", None)
 
 
 def _pick_split(ds, source: str, split: str):
@@ -358,7 +371,7 @@ def _cached_prefix(path: Path, docs: Documents, tokenizer, ctx_len: int, seed, n
 
 
 def _cache_path(docs: Documents, tokenizer, ctx_len: int, seed: int | None) -> Path | None:
-    if docs.content_key is None:
+    if docs.content_key is None or (docs.nbytes is not None and docs.nbytes < CACHE_MIN_BYTES):
         return None
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole definition

@@ -188,6 +188,9 @@ def test_packed_sequences_are_cached(tmp_path, tiny_model_dir, tiny_text_dir, mo
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
     texts = tmp_path / "texts"
     shutil.copytree(tiny_text_dir, texts)
+    run(tmp_path, tiny_model_dir, texts, name="small.zarr", layers="0", seed=3)
+    assert not (tmp_path / "cache" / "packed").exists()  # a few KB of text packs afresh each time
+    monkeypatch.setattr(data, "CACHE_MIN_BYTES", 0)
     first = run(tmp_path, tiny_model_dir, texts, name="a.zarr", layers="0", seed=3)
     assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1
     packs = []
