@@ -3,7 +3,8 @@
 A recipe is a preset (`presets.PRESETS`) or your own, `python -m pipelines.run my_recipes.py:sweep`:
 a function in a Python file that returns a `pipelines.presets.Recipe`.
 
-Collection resumes an unfinished store and is skipped when the store is complete; training
+Collection resumes an unfinished store and writes nothing into a complete one (a store collected
+with other settings is refused); training
 starts afresh (or resumes with --resume). A recipe in rounds (`Recipe.rounds`) collects one
 window of the data at a time into the same store and trains `saes/round_N` from `round_N-1`;
 `saes/rounds.json` records the last finished round, so a rerun continues where it stopped.
@@ -58,24 +59,35 @@ def run(name: str, *, resume_training: bool = False) -> int:
     print(f"== {recipe.name}: {recipe.description}")
     if recipe.rounds > 1:
         return run_rounds(recipe)
-    from actcache import collect
     from saetrain import fit
 
     t0 = time.perf_counter()
-    c = recipe.collect
-    done = c.out.exists() and ActivationStore(c.out).complete
-    if done:
-        print(f"== activations: {c.out} is complete, skipping collection")
-    else:
-        print(f"== collecting activations into {c.out}")
-        res = collect(dataclasses.replace(c, resume=c.out.exists()))
-        print(f"   {res.tokens_written:,} tokens in {res.seconds:.0f}s")
+    _collect(recipe.collect, print)
     print(f"== training SAEs into {recipe.train.out}")
     t = dataclasses.replace(recipe.train, resume=resume_training, overwrite=not resume_training)
     fit_res = fit(t)
     print(f"== done in {time.perf_counter() - t0:.0f}s: {fit_res.steps} steps, {fit_res.tokens:,} training tokens")
     _report(fit_res)
     return 0
+
+
+def _collect(c, say, *, replace: bool = False) -> None:
+    """Collect `c.out`. A store already there is resumed, or found complete, if it was collected with
+    the recipe's settings (refused otherwise); `replace` collects it afresh."""
+    from actcache import collect
+
+    exists = c.out.exists()
+    say(f"== {'checking' if exists and not replace else 'collecting'} activations in {c.out}")
+    try:
+        res = collect(dataclasses.replace(c, resume=exists and not replace, overwrite=exists and replace))
+    except UserError as e:
+        if str(e).startswith("cannot resume"):  # the store was collected with other settings
+            raise UserError(f"{e} (for this recipe: delete {c.out} to collect it afresh)") from None
+        raise
+    if res.tokens_written:
+        say(f"   {res.tokens_written:,} tokens in {res.seconds:.0f}s")
+    else:
+        say("   complete, nothing to collect")
 
 
 def _report(fit_res) -> None:
@@ -88,7 +100,7 @@ def _report(fit_res) -> None:
 
 def run_rounds(recipe: Recipe) -> int:
     """Collect window r of the data into the store, train round r from round r-1, repeat."""
-    from actcache import DataExhausted, collect
+    from actcache import DataExhausted
     from saetrain import fit
 
     t0 = time.perf_counter()
@@ -106,14 +118,11 @@ def run_rounds(recipe: Recipe) -> int:
         say(f"== round {r + 1}/{recipe.rounds}: tokens {c.skip_tokens:,} to {c.skip_tokens + window:,}")
         same = _store_window(c.out) == c.skip_tokens
         barrier()  # every rank has looked before rank 0 replaces the store
-        if same and ActivationStore(c.out).complete:
-            say(f"   {c.out} holds this window, skipping collection")
-        else:
-            try:
-                collect(dataclasses.replace(c, resume=same, overwrite=not same and c.out.exists()))
-            except DataExhausted:
-                say(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
-                break
+        try:
+            _collect(c, say, replace=not same)
+        except DataExhausted:
+            say(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
+            break
         out = runs / f"round_{r:04d}"
         prev = runs / f"round_{r - 1:04d}" if r else None
         fit_res = fit(dataclasses.replace(recipe.train, out=out, init_from=prev, resume=out.exists()))

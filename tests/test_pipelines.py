@@ -23,16 +23,24 @@ from pipelines.presets import Recipe
 from saetrain import TrainConfig
 
 
-def tiny(root=Path({root!r})):
+def tiny(root=Path({root!r}), rounds=4, layers="1,2"):
     store = root / "acts.zarr"
     return Recipe(
         "tiny-rounds", "tiny model, windows of 12 sequences",
-        CollectConfig(out=store, model={model!r}, dataset={data!r}, layers="1,2", ctx_len=32, max_tokens=12 * 32,
+        CollectConfig(out=store, model={model!r}, dataset={data!r}, layers=layers, ctx_len=32, max_tokens=12 * 32,
                       seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False),
         TrainConfig(store=store, out=root / "saes", k=4, expansion_factor=4, batch_size=64, lr_warmup_steps=2,
                     save_every=0, shuffle_window=4, device="cpu", progress=False, distribute_layers=True),
-        rounds=4,
+        rounds=rounds,
     )
+
+
+def once(root=Path({root!r})):
+    return tiny(root, rounds=1)
+
+
+def once_other_layers(root=Path({root!r})):
+    return tiny(root, rounds=1, layers="0,1")
 """
 
 
@@ -87,6 +95,20 @@ def test_rounds_under_torchrun_equal_one_process(single, tmp_path, tiny_model_di
         b = load_file(root / "saes" / "round_0002" / layer / "sae.safetensors")
         for name in a:
             torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=f"{layer}/{name}")
+
+
+def test_a_rerun_checks_the_store_against_the_recipe(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
+    recipes = recipe_file(tmp_path, tiny_model_dir, tiny_text_dir).rpartition(":")[0]
+    assert run.main([f"{recipes}:once"]) == 0
+    capsys.readouterr()
+    assert run.main([f"{recipes}:once"]) == 0  # the same recipe again: the store is complete
+    assert "complete, nothing to collect" in capsys.readouterr().out
+    before = (tmp_path / "acts.zarr" / "manifest.json").read_bytes()
+    assert run.main([f"{recipes}:once_other_layers"]) == 2  # not trained on a store of other layers
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume") and "arrays.layer_0 differs" in err, err
+    assert err.rstrip().endswith(f"(for this recipe: delete {tmp_path / 'acts.zarr'} to collect it afresh)")
+    assert (tmp_path / "acts.zarr" / "manifest.json").read_bytes() == before
 
 
 @pytest.mark.parametrize(
