@@ -109,6 +109,15 @@ def test_resume_with_other_settings(capsys, base, store, change, what):
     assert f"cannot resume {store}: {what}" in err and "or --overwrite" in err
 
 
+def test_resume_a_store_of_an_older_data_order(capsys, base, store):
+    attrs = json.loads((store / "zarr.json").read_text())
+    attrs["attributes"]["actcache"]["data"]["packing"] = "documents joined by EOS, cut into ctx_len sequences"
+    (store / "zarr.json").write_text(json.dumps(attrs))
+    err = cli(capsys, *base, "--layers", "0,2", "--resume")
+    assert err == (f"error: cannot resume {store}: an older actcache wrote it with another data order "
+                   "('documents joined by EOS, cut into ctx_len sequences'); collect it afresh with --overwrite")
+
+
 def test_not_enough_disk(capsys, base, monkeypatch):
     import shutil
 

@@ -99,6 +99,11 @@ def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
                 sub = next(k for k in sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", str(k)))
                            if a.get(k) != b.get(k))
                 key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+            if key == "data.packing":  # not a setting: the store predates the current data order
+                raise UserError(
+                    f"cannot resume {path}: an older actcache wrote it with another data order ({_short(a)}); "
+                    "collect it afresh with --overwrite"
+                )
             raise UserError(
                 f"cannot resume {path}: {key} differs (store: {_short(a)}, now: {_short(b)}); "
                 f"use the same {flag} as the first run, or --overwrite"
