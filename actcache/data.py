@@ -188,13 +188,18 @@ def _pick_split(ds, source: str, split: str):
     return ds
 
 
+def _datasets():
+    """The `datasets` library, imported only for data that needs it (text files do not)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # small local files load in a blink; keep stderr for errors
+    return datasets
+
+
 def load_documents(dataset: str | None, *, split: str = "train", text_column: str = "text") -> Documents:
     """Resolve `--dataset`: None (embedded Shakespeare), a file, a folder, a saved dataset or a Hub id."""
     if dataset is None:
         return _embedded()
-    import datasets
-
-    datasets.disable_progress_bars()  # small local files load in a blink; keep stderr for errors
     path = Path(dataset).expanduser()
     if path.is_file():
         if file_kind(path) is None:
@@ -205,7 +210,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     elif path.is_dir():
         if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             try:
-                saved = datasets.load_from_disk(str(path))
+                saved = _datasets().load_from_disk(str(path))
             except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
                 raise UserError(f"cannot read the saved dataset {path} ({first_line(e)}); save it again") from None
             return _from_table(_pick_split(saved, dataset, split), str(path.resolve()), text_column)
@@ -220,7 +225,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     ):
         raise UserError(f"dataset path {dataset} does not exist; check the path")
     else:
-        online = True
+        online, datasets = True, _datasets()
         try:
             with offline_unless_reachable() as online:
                 ds = datasets.load_dataset(dataset, split=split)
@@ -240,7 +245,7 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
     if kind == "text":
         return _file_documents(source, files)
     try:
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        ds = _datasets().load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
         where = files[0] if len(files) == 1 else f"{len(files)} files under {path}"
         raise UserError(f"cannot read {where} as {kind} ({first_line(e)}); check the data (empty? not UTF-8?)") from None
