@@ -36,7 +36,7 @@ def collect(
     gguf_file: str | None = typer.Option(None, help=_doc["gguf_file"]),
     revision: str | None = typer.Option(None, help=_doc["revision"]),
     codec: str = typer.Option(CollectConfig.codec, help=_doc["codec"]),
-    seed: int = typer.Option(0, help=_doc["seed"] + " A negative seed keeps the dataset order."),
+    seed: int = typer.Option(0, help="Seed of the data order; a negative seed keeps the dataset's order."),
     resume: bool = typer.Option(False, "--resume", help=_doc["resume"]),
     overwrite: bool = typer.Option(False, "--overwrite", help=_doc["overwrite"]),
     shard_mb: float = typer.Option(32.0, help=_doc["shard_mb"]),

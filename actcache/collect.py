@@ -125,7 +125,8 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
     """Tokenize, pack and order the data; return the sequences and the `data` metadata."""
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
     count = None if cfg.max_tokens is None else -(-cfg.max_tokens // cfg.ctx_len)
-    seqs, total = data.window(docs, tokenizer, cfg.ctx_len, cfg.seed, skip, count)
+    seed = None if cfg.seed is None or cfg.seed < 0 else cfg.seed  # as the CLI's negative --seed
+    seqs, total = data.window(docs, tokenizer, cfg.ctx_len, seed, skip, count)
     if len(seqs) == 0:
         raise DataExhausted(
             f"--skip-tokens {cfg.skip_tokens:,} skips all {total * cfg.ctx_len:,} tokens of dataset {docs.id}; "
@@ -135,7 +136,7 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "dataset": docs.id,
         "split": cfg.split if cfg.dataset else None,
         "text_column": cfg.text_column,
-        "seed": cfg.seed,
+        "seed": seed,
         "max_tokens": cfg.max_tokens,
         "skip_tokens": cfg.skip_tokens,
         "first_sequence": skip,
@@ -229,6 +230,7 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
         manifest = consolidate_manifests(out)
     elif world == 1:
         manifest = writer.manifest
+    barrier()  # every rank returns with the manifests folded: what it reads next is settled
     committed = sum(r.tokens[1] - r.tokens[0] for r in manifest.shards.values()) if rank == 0 else -1
     return CollectResult(out, written, committed, time.perf_counter() - t0)
 

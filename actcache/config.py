@@ -47,7 +47,7 @@ class CollectConfig:
     codec: str = DEFAULT_CODEC
     """Compression: zstd, blosc-zstd, blosc-lz4, gzip or none."""
     seed: int | None = 0
-    """Seed of the sequence order."""
+    """Seed of the data order; None (or a negative seed) keeps the dataset's order."""
     resume: bool = False
     """Continue a store after its last committed shard."""
     overwrite: bool = False

@@ -146,7 +146,7 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
         raise UserError(f"dataset {source} is empty; point --dataset at data with at least one document")
     key = getattr(ds, "_fingerprint", None)  # datasets' hash of the data and every transform applied to it
     if "input_ids" in ds.column_names:
-        rows = ds.select_columns(["input_ids"])
+        rows = ds.select_columns(["input_ids"]).with_format(None)  # plain lists, whatever format it was saved with
         return Documents(
             source, len(ds), lambda idx: rows[list(idx)]["input_ids"], tokenized=True, content_key=key, nbytes=_nbytes(ds)
         )
@@ -161,7 +161,7 @@ def _from_table(ds, source: str, text_column: str) -> Documents:
             f"column {text_column!r} of dataset {source} holds {feature}, not text; pass --text-column NAME of a "
             f"text column (its columns are {', '.join(ds.column_names)})"
         )
-    texts = ds.select_columns([text_column])
+    texts = ds.select_columns([text_column]).with_format(None)
 
     def fetch(idx: Sequence[int]) -> list[str]:
         try:
@@ -342,7 +342,7 @@ def packed_prefix(
     if result is None:
         state = PackState()
         parts = list(_pack_more(docs, tokenizer, ctx_len, document_order(docs.num_docs, seed), state, need))
-        result = np.concatenate(parts), state
+        result = np.concatenate(parts) if parts else np.empty((0, ctx_len), dtype=np.int32), state
     seqs, state = result
     _check_not_empty(docs, state, ctx_len)
     return seqs, state.done

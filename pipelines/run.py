@@ -16,15 +16,18 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from actcache import CollectConfig
 from sae_core import UserError
 from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
+from saetrain import TrainConfig
 
 from .presets import PRESETS, Recipe
 
@@ -44,34 +47,43 @@ def load_recipe(name: str) -> Recipe:
         raise UserError(f"recipe file {file} does not exist; check the path")
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses in the file look their module up
     spec.loader.exec_module(module)  # its own errors keep their traceback: it is the user's code
     make = getattr(module, func, None)
     if not callable(make):
         raise UserError(f"recipe file {file} has no function {func!r}; name a function that returns a Recipe")
     recipe = make()
-    if not isinstance(recipe, Recipe):
+    # A Recipe, or one of a copy of presets.py: what counts is its two configs.
+    if not (isinstance(getattr(recipe, "collect", None), CollectConfig)
+            and isinstance(getattr(recipe, "train", None), TrainConfig)):
         raise UserError(f"{name} returned {type(recipe).__name__}, not a pipelines.presets.Recipe")
     return recipe
 
 
 def run(name: str, *, resume_training: bool = False) -> int:
     recipe = load_recipe(name)
-    print(f"== {recipe.name}: {recipe.description}")
+    say(f"== {recipe.name}: {recipe.description}")
     if recipe.rounds > 1:
         return run_rounds(recipe)
     from saetrain import fit
 
     t0 = time.perf_counter()
-    _collect(recipe.collect, print)
-    print(f"== training SAEs into {recipe.train.out}")
+    _collect(recipe.collect)
+    say(f"== training SAEs into {recipe.train.out}")
     t = dataclasses.replace(recipe.train, resume=resume_training, overwrite=not resume_training)
     fit_res = fit(t)
-    print(f"== done in {time.perf_counter() - t0:.0f}s: {fit_res.steps} steps, {fit_res.tokens:,} training tokens")
+    say(f"== done in {time.perf_counter() - t0:.0f}s: {fit_res.steps} steps, {fit_res.tokens:,} training tokens")
     _report(fit_res)
     return 0
 
 
-def _collect(c, say, *, replace: bool = False) -> None:
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 alone under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
+
+
+def _collect(c, *, replace: bool = False) -> None:
     """Collect `c.out`. A store already there is resumed, or found complete, if it was collected with
     the recipe's settings (refused otherwise); `replace` collects it afresh."""
     from actcache import collect
@@ -84,18 +96,15 @@ def _collect(c, say, *, replace: bool = False) -> None:
         if str(e).startswith("cannot resume"):  # the store was collected with other settings
             raise UserError(f"{e} (for this recipe: delete {c.out} to collect it afresh)") from None
         raise
-    if res.tokens_written:
-        say(f"   {res.tokens_written:,} tokens in {res.seconds:.0f}s")
-    else:
-        say("   complete, nothing to collect")
+    say(f"   {res.tokens_committed:,} tokens in the store ({res.seconds:.0f}s)")
 
 
 def _report(fit_res) -> None:
     if fit_res.heldout_fvu:
-        print("   held-out FVU per layer:")
+        say("   held-out FVU per layer:")
         for layer, fvu in fit_res.heldout_fvu.items():
-            print(f"     {layer:<10} {fvu:.4f}")
-    print(f"   SAEs: {fit_res.out}/<layer>/  (load with Sae.load_many('{fit_res.out}', local=True))")
+            say(f"     {layer:<10} {fvu:.4f}")
+    say(f"   SAEs: {fit_res.out}/<layer>/  (load with Sae.load_many('{fit_res.out}', local=True))")
 
 
 def run_rounds(recipe: Recipe) -> int:
@@ -105,7 +114,6 @@ def run_rounds(recipe: Recipe) -> int:
 
     t0 = time.perf_counter()
     rank, _ = init_distributed()
-    say = print if rank == 0 else (lambda *a, **kw: None)  # one voice under torchrun
     runs = Path(recipe.train.out)
     progress = runs / "rounds.json"
     done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
@@ -119,7 +127,7 @@ def run_rounds(recipe: Recipe) -> int:
         same = _store_window(c.out) == c.skip_tokens
         barrier()  # every rank has looked before rank 0 replaces the store
         try:
-            _collect(c, say, replace=not same)
+            _collect(c, replace=not same)
         except DataExhausted:
             say(f"   the data ends before token {c.skip_tokens:,}: stopping after {r} round(s)")
             break
@@ -134,8 +142,7 @@ def run_rounds(recipe: Recipe) -> int:
         barrier()
     say(f"== done in {time.perf_counter() - t0:.0f}s")
     if fit_res is not None:
-        if rank == 0:
-            _report(fit_res)
+        _report(fit_res)
     elif progress.is_file():
         say(f"   SAEs of the last finished round: {json.loads(progress.read_text())['latest']}/<layer>/")
     return 0

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -35,11 +36,16 @@ def hub_reachable() -> bool:
         return True  # only the proxy knows; let the libraries try
     url = urlsplit(hub_endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError:
-        return False
-    return True
+    opened, done = [], threading.Event()
+
+    def connect() -> None:  # in a thread: the name lookup has no timeout of its own
+        with contextlib.suppress(OSError):
+            socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+            opened.append(True)
+        done.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    return done.wait(CONNECT_TIMEOUT_S) and bool(opened)
 
 
 @contextlib.contextmanager
@@ -67,8 +73,9 @@ def offline_unless_reachable() -> Iterator[bool]:
 
 def not_cached(what: str) -> str:
     """The tail of the error for a Hub id that is neither cached nor reachable."""
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return f"{what} is not in the local Hub cache and HF_HUB_OFFLINE is set; unset it to download"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{what} is not in the local Hub cache and {var} is set; unset it to download"
     return (
         f"{what} is not in the local Hub cache and the Hub ({hub_endpoint()}) cannot be reached; "
         "download it once with network access"

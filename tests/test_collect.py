@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -89,6 +90,8 @@ def test_tokens_are_the_packed_documents_in_seeded_order(tmp_path, tiny_model_di
 
     plain = run(tmp_path, tiny_model_dir, tiny_text_dir, name="plain.zarr", layers="0", seed=None)
     assert torch.equal(plain.tokens().reshape(-1, CTX), torch.from_numpy(expected).long())
+    negative = run(tmp_path, tiny_model_dir, tiny_text_dir, name="neg.zarr", layers="0", seed=-1)  # as --seed -1
+    assert negative.meta["data"]["seed"] is None and torch.equal(negative.tokens(), plain.tokens())
     shuffled = run(tmp_path, tiny_model_dir, tiny_text_dir, name="shuf.zarr", layers="0", seed=3)
     # The documented order, built independently: documents in the seed's order, packed, then the
     # sequences of each block (here all of them: one block) in an order of their own.
@@ -136,6 +139,7 @@ def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
     assert np.array_equal(c, full[-2:]) and total_c == len(full)
     empty, _ = data.window(docs(), tok, CTX, 5, len(full), 10)
     assert len(empty) == 0 and sorted(fetched) == list(range(60))
+    assert data.window(docs(None), tok, CTX, 5, 0, 0)[0].shape == (0, CTX)
     assert (folder / "sequences.i32").stat().st_size == len(full) * CTX * 4
 
 
@@ -177,6 +181,24 @@ def test_skip_tokens_collects_a_window_of_the_order(tmp_path, tiny_model_dir, ti
         run(tmp_path, tiny_model_dir, tiny_text_dir, name="w9.zarr", skip_tokens=100_000, **kw)
     with pytest.raises(UserError, match="--skip-tokens must be >= 0, got -1"):
         run(tmp_path, tiny_model_dir, tiny_text_dir, name="wn.zarr", skip_tokens=-1, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["numpy", "torch"])
+def test_pretokenized_dataset_saved_in_a_format(tmp_path, monkeypatch, fmt):
+    """Rows of token ids that a saved dataset returns as arrays or tensors pack (and cache) as lists do."""
+    import datasets
+
+    from actcache import data
+
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "CACHE_MIN_BYTES", 0)
+    rows = [[(7 * i + j) % 250 for j in range(CTX + i % 5)] for i in range(12)]  # leave tokens pending
+    datasets.Dataset.from_dict({"input_ids": rows}).save_to_disk(tmp_path / "plain")
+    datasets.Dataset.from_dict({"input_ids": rows}).with_format(fmt).save_to_disk(tmp_path / fmt)
+    tok = byte_tokenizer()
+    want, _ = data.window(data.load_documents(str(tmp_path / "plain")), tok, CTX, 1, 0, None)
+    got, _ = data.window(data.load_documents(str(tmp_path / fmt)), tok, CTX, 1, 0, None)
+    assert np.array_equal(got, want) and len(want) == sum(map(len, rows)) // CTX
 
 
 def test_packed_sequences_are_cached(tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):

@@ -416,3 +416,25 @@ def test_resume_over_torn_uncommitted_shard_file(tmp_path, argv, ref, monkeypatc
     with one_thread():
         assert cli(argv(out, "--resume")) == 0
     assert_same_as_reference(out, ref)
+
+
+def test_reading_while_rank0_folds_the_manifests(tmp_path, monkeypatch):
+    """A reader that catches the end-of-run fold midway (shards in manifest.json and still in their rank's
+    file, or a rank file listed then deleted) gets every shard once; a real overlap is still an error."""
+    from sae_core.store import manifest as m
+
+    a, b = m.Manifest({0: m.ShardRecord(0, (0, 4), {})}), m.Manifest({1: m.ShardRecord(1, (4, 8), {})})
+    m.Manifest({**a.shards, **b.shards}).save(tmp_path, None)  # folded, the rank file not yet deleted
+    b.save(tmp_path, 1)
+    assert sorted(m.read_manifests(tmp_path).shards) == [0, 1]
+    (tmp_path / "manifest.rank1.json").unlink()
+
+    calls, real = [], m.manifest_files
+    listed = [tmp_path / "manifest.json", tmp_path / "manifest.rank1.json"]  # listed, then deleted
+    monkeypatch.setattr(m, "manifest_files", lambda root: real(root) if calls.append(1) or len(calls) > 1 else listed)
+    assert sorted(m.read_manifests(tmp_path).shards) == [0, 1]
+
+    monkeypatch.setattr(m, "FOLD_RETRY_S", 0.2)
+    m.Manifest({1: b.shards[1], 2: m.ShardRecord(2, (8, 12), {})}).save(tmp_path, 1)  # stays: they overlap
+    with pytest.raises(UserError, match="two manifests of this store overlap"):
+        m.read_manifests(tmp_path)

@@ -409,6 +409,16 @@ def test_dataset_by_hub_id_with_the_hub_gone(hub: FakeHub, capfd):
     assert datasets.config.HF_HUB_OFFLINE is False
 
 
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_not_cached_names_the_variable_that_is_set(monkeypatch, var):
+    from sae_core.online import not_cached
+
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "1")
+    assert not_cached("it") == f"it is not in the local Hub cache and {var} is set; unset it to download"
+
+
 # ----------------------------------------------------------------- the README inference example
 def test_readme_example_on_a_tiny_llama(hub: FakeHub, tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM

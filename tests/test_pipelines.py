@@ -85,7 +85,7 @@ def test_rounds_under_torchrun_equal_one_process(single, tmp_path, tiny_model_di
     """2 ranks: each window collected data-parallel into one store, its layers trained one per rank."""
     root = tmp_path / "dist"
     job = Job(torchrun(2, "pipelines.run", [recipe_file(root, tiny_model_dir, tiny_text_dir)]), tmp_path / "log").ok()
-    assert job.stdout.count("stopping after 3 round(s)") == 1  # rank 0 alone speaks
+    assert job.stdout.count("stopping after 3 round(s)") == 1 and job.stdout.count("== tiny-rounds") == 1  # rank 0 alone
     assert json.loads((root / "saes" / "rounds.json").read_text())["done"] == 2
     ref, got = ActivationStore(single[0] / "acts.zarr"), ActivationStore(root / "acts.zarr")
     assert got.meta["data"]["fingerprint"] == ref.meta["data"]["fingerprint"]
@@ -102,13 +102,23 @@ def test_a_rerun_checks_the_store_against_the_recipe(tmp_path, tiny_model_dir, t
     assert run.main([f"{recipes}:once"]) == 0
     capsys.readouterr()
     assert run.main([f"{recipes}:once"]) == 0  # the same recipe again: the store is complete
-    assert "complete, nothing to collect" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"checking activations in {tmp_path / 'acts.zarr'}" in out and "384 tokens in the store" in out
     before = (tmp_path / "acts.zarr" / "manifest.json").read_bytes()
     assert run.main([f"{recipes}:once_other_layers"]) == 2  # not trained on a store of other layers
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume") and "arrays.layer_0 differs" in err, err
     assert err.rstrip().endswith(f"(for this recipe: delete {tmp_path / 'acts.zarr'} to collect it afresh)")
     assert (tmp_path / "acts.zarr" / "manifest.json").read_bytes() == before
+
+
+def test_a_recipe_file_like_presets(tmp_path):
+    """presets.py is the template a user copies: its dataclasses (under postponed annotations) load."""
+    import shutil
+
+    shutil.copy(Path(run.__file__).with_name("presets.py"), tmp_path / "mine.py")
+    recipe = run.load_recipe(f"{tmp_path / 'mine.py'}:tiny_debug")
+    assert recipe.name == "tiny-debug" and recipe.collect.layers == "0,1"
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,16 @@
 """The commit protocol: a shard counts once its files are on disk and a manifest lists it.
 
 Each writer (one per rank) owns one manifest file, replaced atomically (write a temporary
-file, fsync, rename). Readers take the union of all manifest files.
+file, fsync, rename). Readers take the union of all manifest files. At the end of a torchrun
+collection rank 0 folds the per-rank files into manifest.json and deletes them; a reader that
+catches that midway sees a shard in both files (counted once) or a rank file gone (reads again).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,8 @@ from ..errors import UserError
 from .stats import RunningStats
 
 MANIFEST = "manifest.json"
+# How long a reader retries while rank 0 folds per-rank manifests into manifest.json.
+FOLD_RETRY_S = 10.0
 
 
 def manifest_name(rank: int | None) -> str:
@@ -109,7 +114,14 @@ def manifest_files(root: Path) -> list[Path]:
 
 def read_manifests(root: Path) -> Manifest:
     """The union of every manifest of a store: what is committed."""
-    out = Manifest()
-    for p in manifest_files(root):
-        out = out.merged_with(Manifest.from_json(p.read_text(), str(p)))
-    return out
+    deadline = time.monotonic() + FOLD_RETRY_S
+    while True:
+        try:
+            out = Manifest()
+            for p in manifest_files(root):
+                out = out.merged_with(Manifest.from_json(p.read_text(), str(p)))
+            return out
+        except FileNotFoundError:  # a rank file listed, then folded and deleted
+            if time.monotonic() > deadline:  # not a fold in progress
+                raise
+            time.sleep(0.05)
