@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from actcache import CollectConfig
+from actcache import CollectConfig, DataExhausted, collect
 from sae_core import UserError
 from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
-from saetrain import TrainConfig
+from saetrain import TrainConfig, fit
 
 from .presets import PRESETS, Recipe
 
@@ -63,10 +63,9 @@ def load_recipe(name: str) -> Recipe:
 def run(name: str, *, resume_training: bool = False) -> int:
     recipe = load_recipe(name)
     say(f"== {recipe.name}: {recipe.description}")
+    init_distributed()  # under torchrun: the ranks look at the store together (barriers below)
     if recipe.rounds > 1:
         return run_rounds(recipe)
-    from saetrain import fit
-
     t0 = time.perf_counter()
     _collect(recipe.collect)
     say(f"== training SAEs into {recipe.train.out}")
@@ -86,9 +85,8 @@ def say(*args, **kwargs) -> None:
 def _collect(c, *, replace: bool = False) -> None:
     """Collect `c.out`. A store already there is resumed, or found complete, if it was collected with
     the recipe's settings (refused otherwise); `replace` collects it afresh."""
-    from actcache import collect
-
     exists = c.out.exists()
+    barrier()  # every rank has looked before rank 0 creates or replaces the store
     say(f"== {'checking' if exists and not replace else 'collecting'} activations in {c.out}")
     try:
         res = collect(dataclasses.replace(c, resume=exists and not replace, overwrite=exists and replace))
@@ -109,9 +107,6 @@ def _report(fit_res) -> None:
 
 def run_rounds(recipe: Recipe) -> int:
     """Collect window r of the data into the store, train round r from round r-1, repeat."""
-    from actcache import DataExhausted
-    from saetrain import fit
-
     t0 = time.perf_counter()
     rank, _ = init_distributed()
     runs = Path(recipe.train.out)
