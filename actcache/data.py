@@ -25,6 +25,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -74,6 +76,8 @@ class Documents:
 PACK_VERSION = 2
 # Data smaller than this (about 4M tokens of text) packs in seconds: it is not cached.
 CACHE_MIN_BYTES = 16 << 20
+# Cache entries unused for this long are deleted when a new one is made.
+CACHE_MAX_AGE_DAYS = 30
 # Sequences are shuffled within blocks of this many tokens (see the module docstring).
 BLOCK_TOKENS = 1 << 20
 # Documents tokenized per call of the tokenizer.
@@ -351,8 +355,12 @@ def packed_prefix(
 def _cached_prefix(path: Path, docs: Documents, tokenizer, ctx_len: int, seed, need: float) -> tuple[np.ndarray, PackState]:
     """`packed_prefix` through the cache folder `path`: sequences appended to `sequences.i32` and the
     packing state in `state.json` (replaced after the sequences it counts are on disk), one process
-    at a time extending them (an flock); the others wait, then read."""
+    at a time extending them (an flock); the others wait, then read. Creating an entry deletes the
+    entries no run has used for CACHE_MAX_AGE_DAYS."""
+    if not path.is_dir():
+        _prune(path.parent)
     path.mkdir(parents=True, exist_ok=True)
+    os.utime(path)  # last used: now
     data, state_file = path / "sequences.i32", path / "state.json"
     row_bytes = ctx_len * 4
     with open(path / "lock", "a") as lock:
@@ -373,6 +381,14 @@ def _cached_prefix(path: Path, docs: Documents, tokenizer, ctx_len: int, seed, n
     if state.sequences == 0:
         return np.empty((0, ctx_len), dtype=np.int32), state
     return np.memmap(data, dtype=np.int32, mode="r", shape=(state.sequences, ctx_len)), state
+
+
+def _prune(cache: Path) -> None:
+    cutoff = time.time() - CACHE_MAX_AGE_DAYS * 86400
+    for entry in cache.glob("*"):
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry)
 
 
 def _cache_path(docs: Documents, tokenizer, ctx_len: int, seed: int | None) -> Path | None:

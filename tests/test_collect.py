@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -141,6 +143,16 @@ def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
     assert len(empty) == 0 and sorted(fetched) == list(range(60))
     assert data.window(docs(None), tok, CTX, 5, 0, 0)[0].shape == (0, CTX)
     assert (folder / "sequences.i32").stat().st_size == len(full) * CTX * 4
+    # A new entry deletes those unused for CACHE_MAX_AGE_DAYS (using one counts: the folder's mtime).
+    stale = folder.with_name("stale")
+    stale.mkdir()
+    (stale / "sequences.i32").write_bytes(b"x")
+    old = time.time() - 40 * 86400
+    os.utime(stale, (old, old))
+    os.utime(folder, (old, old))
+    data.window(docs(), tok, CTX, 5, 0, 3)  # uses `folder`
+    data.window(docs("other"), tok, CTX, 5, 0, 3)  # a new entry
+    assert not stale.exists() and folder.exists() and len(list(folder.parent.iterdir())) == 2
 
 
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
