@@ -4,8 +4,8 @@ A recipe is a preset (`presets.PRESETS`) or your own, `python -m pipelines.run m
 a function in a Python file that returns a `pipelines.presets.Recipe`.
 
 Collection resumes an unfinished store and writes nothing into a complete one (a store collected
-with other settings is refused); training
-starts afresh (or resumes with --resume). A recipe in rounds (`Recipe.rounds`) collects one
+with other settings is refused); training starts afresh (or continues with --resume-training).
+A recipe in rounds (`Recipe.rounds`) collects one
 window of the data at a time into the same store and trains `saes/round_N` from `round_N-1`;
 `saes/rounds.json` records the last finished round, so a rerun continues where it stopped.
 """
