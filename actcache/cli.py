@@ -23,6 +23,7 @@ def collect(
     dataset: str | None = typer.Option(None, help=_doc["dataset"]),
     layers: str | None = typer.Option(None, help=_doc["layers"]),
     hookpoints: list[str] | None = typer.Option(None, metavar="PATTERN", help=_doc["hookpoints"] + " Repeat or comma-separate."),
+    dataset_config: str | None = typer.Option(None, help=_doc["dataset_config"]),
     split: str = typer.Option("train", help=_doc["split"]),
     text_column: str = typer.Option("text", help=_doc["text_column"]),
     ctx_len: int = typer.Option(2048, help=_doc["ctx_len"]),
@@ -51,7 +52,8 @@ def collect(
 
     points = [p.strip() for item in (hookpoints or []) for p in item.split(",") if p.strip()]
     cfg = CollectConfig(
-        out=out, model=model, gguf_file=gguf_file, revision=revision, dataset=dataset, split=split,
+        out=out, model=model, gguf_file=gguf_file, revision=revision, dataset=dataset, dataset_config=dataset_config,
+        split=split,
         text_column=text_column, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens, skip_tokens=skip_tokens,
         dtype=dtype,
         model_dtype=model_dtype, load_in_8bit=load_in_8bit, device=device, layers=layers, hookpoints=points,

@@ -134,6 +134,7 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         )
     meta = {
         "dataset": docs.id,
+        "dataset_config": cfg.dataset_config,
         "split": cfg.split if cfg.dataset else None,
         "text_column": cfg.text_column,
         "seed": seed,
@@ -156,7 +157,9 @@ def collect(cfg: CollectConfig) -> CollectResult:
     _validate(cfg)
     rank, world = init_distributed()
     device = rank_device(cfg.device, rank, world)
-    docs = data.load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)  # its errors come first
+    docs = data.load_documents(  # its errors come first
+        cfg.dataset, split=cfg.split, text_column=cfg.text_column, config=cfg.dataset_config
+    )
     model, tokenizer = load_model(
         cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
         load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,

@@ -20,6 +20,8 @@ class CollectConfig:
     """Model revision (branch, tag or commit) on the Hub."""
     dataset: str | None = None
     """Hub id, local file or folder (.txt/.md/.jsonl/.json/.parquet/.csv), or a saved dataset; default: embedded Shakespeare."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a Hub dataset that has several, e.g. wikitext-103-raw-v1."""
     split: str = "train"
     """Dataset split."""
     text_column: str = "text"

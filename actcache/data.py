@@ -2,7 +2,9 @@
 
 The order of a collection is a pure function of the data, the tokenizer, `ctx_len` and the seed:
 
-1. the documents in a seeded order (a permutation of their positions);
+1. the documents in a seeded order (a permutation of their positions). A document is a row of a
+   table or a text file; an uncompressed text file over 1 MiB is cut at blank lines into
+   documents of about 256 KiB, read only when needed (a compressed one is read whole);
 2. tokenized whole and joined with the EOS token in that order, then cut into `ctx_len`
    sequences (the remainder is dropped): a sequence may span a document boundary, never a
    line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is;
@@ -23,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -73,15 +76,20 @@ class Documents:
 
 
 # Bumped whenever packing changes what it produces, so that older cache entries are not used.
-PACK_VERSION = 2
+PACK_VERSION = 3
+# Uncompressed text files larger than this are cut into documents of about TEXT_PIECE_BYTES.
+TEXT_SPLIT_BYTES = 1 << 20
+TEXT_PIECE_BYTES = 1 << 18
 # Data smaller than this (about 4M tokens of text) packs in seconds: it is not cached.
 CACHE_MIN_BYTES = 16 << 20
 # Cache entries unused for this long are deleted when a new one is made.
 CACHE_MAX_AGE_DAYS = 30
 # Sequences are shuffled within blocks of this many tokens (see the module docstring).
 BLOCK_TOKENS = 1 << 20
-# Documents tokenized per call of the tokenizer.
+# Documents tokenized per call of the tokenizer: at most TOKENIZE_BATCH, and at first TOKENIZE_FIRST
+# (until the sequences per document are known, then as many as the sequences still needed take).
 TOKENIZE_BATCH = 64
+TOKENIZE_FIRST = 4
 
 
 def _files_key(files: list[Path]) -> str:
@@ -98,9 +106,19 @@ def _embedded() -> Documents:
 
 
 def _file_documents(source: str, files: list[Path]) -> Documents:
-    """One document per text file."""
+    """One document per text file, except that an uncompressed file over TEXT_SPLIT_BYTES is cut into
+    pieces of about TEXT_PIECE_BYTES at blank lines, each a document: a window of a huge file reads
+    only the pieces it needs, and the pieces are shuffled like documents."""
+    pieces = []
+    for f in files:
+        size = f.stat().st_size
+        if size > TEXT_SPLIT_BYTES and f.suffix.lower() not in COMPRESSIONS:
+            n = size // TEXT_PIECE_BYTES  # the last piece takes the remainder
+            pieces.extend((f, slice(i, i + 1 < n and i + 1)) for i in range(n))
+        else:
+            pieces.append((f, None))
     return Documents(
-        source, len(files), lambda idx: [_read_text(files[i]) for i in idx], content_key=_files_key(files),
+        source, len(pieces), lambda idx: [_read_text(*pieces[i]) for i in idx], content_key=_files_key(files),
         nbytes=sum(f.stat().st_size for f in files),
     )
 
@@ -115,7 +133,16 @@ def file_kind(path: Path) -> str | None:
     return "text" if suffixes[-1] in TEXT_SUFFIXES else TABLE_FORMATS.get(suffixes[-1])
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, piece: slice | None = None) -> str:
+    """The file's text, or a piece of it: from the cut near byte `piece.start * TEXT_PIECE_BYTES`
+    to the cut near `piece.stop * TEXT_PIECE_BYTES` (see `_piece_start`), or to the end when
+    `piece.stop` is falsy."""
+    if piece is not None:
+        with open(path, "rb") as f:
+            start = _piece_start(f, piece.start * TEXT_PIECE_BYTES)
+            end = _piece_start(f, piece.stop * TEXT_PIECE_BYTES) if piece.stop else os.fstat(f.fileno()).st_size
+            f.seek(start)
+            return f.read(end - start).decode(errors="replace")
     opener = COMPRESSIONS.get(path.suffix.lower())
     if opener is None:
         return path.read_text(errors="replace")
@@ -125,9 +152,25 @@ def _read_text(path: Path) -> str:
         return f.read()
 
 
-def _split_files(root: Path, files: list[Path], split: str) -> list[Path]:
-    """The files of `split` in a folder: by split names in their paths (train.jsonl, data/validation/...);
-    with no split names anywhere, the whole folder is the split "train"."""
+def _piece_start(f, offset: int) -> int:
+    """Where a piece cut near byte `offset` begins: after the first blank line in the half piece from
+    `offset`, else after the first line break, else at the first UTF-8 character start. The search
+    stays within half a piece, so every piece holds at least half a piece."""
+    if offset == 0:
+        return 0
+    f.seek(offset)
+    buf = f.read(TEXT_PIECE_BYTES // 2)
+    m = re.search(rb"\n[ \t\r]*\n", buf) or re.search(rb"\n", buf)
+    if m:
+        return offset + m.end()
+    return offset + next((i for i, b in enumerate(buf[:4]) if b & 0xC0 != 0x80), 0)
+
+
+def _split_files(root: Path, files: list[Path], split: str, where: str | None = None) -> list[Path]:
+    """The files of `split` in a folder (`where` names it in errors): by split names in their paths
+    (train.jsonl, data/validation/...); with no split names anywhere, the whole folder is the split "train"."""
+    where = where or f"folder {root}"
+
     def split_of(f: Path) -> str | None:
         words = set(re.split(r"[-_./\\ ]+", str(f.relative_to(root)).lower()))
         return next((s for s, names in SPLIT_WORDS.items() if words & names), None)
@@ -136,11 +179,11 @@ def _split_files(root: Path, files: list[Path], split: str) -> list[Path]:
     named = sorted({s for s in found.values() if s})
     if not named:
         if split != "train":
-            raise UserError(f"folder {root} has no splits (no file named train, validation or test): drop --split")
+            raise UserError(f"{where} has no splits (no file named train, validation or test): drop --split")
         return files
     chosen = [f for f, s in found.items() if s == split]
     if not chosen:
-        raise UserError(f"folder {root} has no files of split {split!r}; it has {', '.join(named)}: pass --split NAME")
+        raise UserError(f"{where} has no files of split {split!r}; it has {', '.join(named)}: pass --split NAME")
     return chosen
 
 
@@ -200,11 +243,46 @@ def _datasets():
     return datasets
 
 
-def load_documents(dataset: str | None, *, split: str = "train", text_column: str = "text") -> Documents:
-    """Resolve `--dataset`: None (embedded Shakespeare), a file, a folder, a saved dataset or a Hub id."""
+def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str):
+    """`datasets.load_dataset` of a Hub id; a dataset with a loading script (which datasets >= 4 no
+    longer runs) is read from its data files instead: those of one format (parquet, then JSON
+    lines, then CSV), of `split` by their names, pinned to the commit they were listed at."""
+    try:
+        return datasets.load_dataset(dataset, config, split=split)
+    except RuntimeError as e:
+        if "Dataset scripts are no longer supported" not in str(e):
+            raise
+    from huggingface_hub import HfApi
+
+    refuse = f"dataset {dataset!r} has a loading script, which datasets >= 4 no longer runs, and "
+    if config is not None:
+        raise UserError(refuse + f"its data files do not say which belong to configuration {config!r}; download "
+                        "that configuration's files and pass their folder as --dataset")
+    info = HfApi().dataset_info(dataset)
+    files = [Path(s.rfilename) for s in info.siblings or []]
+    for kind in ("parquet", "json", "csv"):
+        of_kind = [f for f in files if file_kind(f) == kind]
+        if of_kind:
+            break
+    else:
+        raise UserError(refuse + "no .parquet, .jsonl or .csv data files; download its data and pass a local path")
+    chosen = _split_files(Path(), sorted(of_kind), split, where=f"dataset {dataset!r}")
+    urls = [f"hf://datasets/{dataset}@{info.sha}/{f.as_posix()}" for f in chosen]
+    return datasets.load_dataset(kind, data_files=urls, split="train")
+
+
+def load_documents(
+    dataset: str | None, *, split: str = "train", text_column: str = "text", config: str | None = None
+) -> Documents:
+    """Resolve `--dataset`: None (embedded Shakespeare), a file, a folder, a saved dataset or a Hub id
+    (with `config`, its configuration name)."""
     if dataset is None:
+        if config is not None:
+            raise UserError("--dataset-config applies to Hub datasets, and no --dataset was given: drop it")
         return _embedded()
     path = Path(dataset).expanduser()
+    if config is not None and path.exists():
+        raise UserError(f"--dataset-config applies to Hub datasets, and {dataset} is a local path: drop it")
     if path.is_file():
         if file_kind(path) is None:
             raise UserError(f"dataset file {path} is not {SUPPORTED}; convert it or rename it by its format")
@@ -232,10 +310,18 @@ def load_documents(dataset: str | None, *, split: str = "train", text_column: st
         online, datasets = True, _datasets()
         try:
             with offline_unless_reachable() as online:
-                ds = datasets.load_dataset(dataset, split=split)
+                ds = _load_hub_dataset(datasets, dataset, config, split)
+        except UserError:
+            raise
         except Exception as e:  # datasets raises many types for "not found / unknown split"
             if not online and isinstance(e, OSError):  # a cache miss in offline mode
                 raise UserError(f"cannot load dataset {dataset!r}: {not_cached('it')}; or pass a local path") from None
+            message = str(e)
+            if "Config name is missing" in message or re.search(r"BuilderConfig .* not found", message):
+                configs = re.search(r"\[(.*?)\]", message)
+                problem = f"has no configuration {config!r}" if config else "has several configurations"
+                names = f" (one of {configs.group(1)})" if configs else ""
+                raise UserError(f"dataset {dataset!r} {problem}; pass --dataset-config NAME{names}") from None
             raise UserError(
                 f"cannot load dataset {dataset!r} (split {split!r}): {first_line(e)}; pass a local path or a cached Hub id"
             ) from None
@@ -290,7 +376,12 @@ def _pack_more(docs: Documents, tokenizer, ctx_len: int, order: np.ndarray, stat
     documents at a time; yields each batch's new `(m, ctx_len)` int32 sequences and updates `state`."""
     eos = None if docs.tokenized else getattr(tokenizer, "eos_token_id", None)
     while state.sequences < limit and not state.done:
-        idx = order[state.docs_done : state.docs_done + TOKENIZE_BATCH].tolist()
+        batch = TOKENIZE_BATCH
+        if state.sequences and limit < float("inf"):  # no more documents than the sequences so far say are needed
+            batch = min(batch, math.ceil((limit - state.sequences) * state.docs_done / state.sequences * 1.1))
+        elif not state.sequences:
+            batch = min(batch, TOKENIZE_FIRST)
+        idx = order[state.docs_done : state.docs_done + batch].tolist()
         state.done = state.docs_done + len(idx) >= len(order)
         state.docs_done += len(idx)
         rows = docs.fetch(idx)

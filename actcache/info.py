@@ -32,6 +32,8 @@ def store_info(path: str | Path) -> dict:
         "ctx_len": meta["ctx_len"],
         "codec": meta["codec"],
         "dataset": meta["data"]["dataset"],
+        "dataset_config": meta["data"].get("dataset_config"),
+        "split": meta["data"].get("split"),
         "data_fingerprint": meta["data"]["fingerprint"],
         "tokens_committed": store.num_tokens,
         "tokens_planned": store.layout.num_tokens,
@@ -52,7 +54,9 @@ def format_info(info: dict) -> str:
     lines = [
         f"store       {info['path']}",
         f"model       {info['model']['id']}" + (f" @ {info['model']['revision']}" if info["model"]["revision"] else ""),
-        f"dataset     {info['dataset']}",
+        f"dataset     {info['dataset']}" + "".join(
+            f"  {k} {info[k]}" for k in ("dataset_config", "split") if info[k] is not None
+        ),
         f"layers      {', '.join(info['arrays'])}" if len(info["arrays"]) <= 8 else
         f"layers      {len(info['arrays'])}: {next(iter(info['arrays']))} .. {list(info['arrays'])[-1]}",
         f"tokens      {info['tokens_committed']:,} committed of {info['tokens_planned']:,}"

@@ -155,6 +155,37 @@ def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
     assert not stale.exists() and folder.exists() and len(list(folder.parent.iterdir())) == 2
 
 
+def test_large_text_files_are_cut_into_documents_at_blank_lines(tmp_path, monkeypatch):
+    """A text file over TEXT_SPLIT_BYTES is several documents that tile it, cut after blank lines
+    where there are some, else after a line break, else between UTF-8 characters."""
+    import gzip
+
+    from actcache import data
+
+    monkeypatch.setattr(data, "TEXT_SPLIT_BYTES", 1000)
+    monkeypatch.setattr(data, "TEXT_PIECE_BYTES", 256)  # paragraphs < 128 bytes: cuts at blank lines
+    paragraphs = "".join(f"Paragraph {i}: {'ünï ' * (i % 7 + 2)}\nsecond line.\n\n" for i in range(40))
+    one_line = "ab€d" * 400  # no line break at all: cuts between characters, never inside one
+    lines = "".join(f"line {i} of a file without blank lines\r\n" for i in range(30))
+    small = "A small file stays whole.\n\nEven with blank lines."
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name, text in [("a.txt", paragraphs), ("b.txt", one_line), ("c.md", lines), ("d.txt", small)]:
+        (folder / name).write_text(text, encoding="utf-8")
+    with gzip.open(folder / "e.txt.gz", "wt") as f:
+        f.write(paragraphs)  # compressed: read whole
+    docs = data.load_documents(str(folder))
+    texts = docs.fetch(range(docs.num_docs))
+    sizes = {name: len(text.encode()) for name, text in [("a", paragraphs), ("b", one_line), ("c", lines)]}
+    counts = [n // 256 for n in sizes.values()]  # the last piece takes the remainder
+    assert min(counts) >= 4 and docs.num_docs == sum(counts) + 2 and all(texts)
+    a, b, c = (texts[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(3))
+    assert "".join(a) == paragraphs and "".join(b) == one_line and "".join(c) == lines
+    assert all(t.endswith("\n\n") for t in a[:-1]) and all(t.endswith("\r\n") for t in c[:-1])
+    assert "\ufffd" not in "".join(b) and texts[-2:] == [small, paragraphs]
+    assert docs.fetch([3]) == [a[3]]  # a piece reads alone
+
+
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
     store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="all", max_tokens=100)
     assert store.layout.num_tokens == 128  # rounded up to whole sequences
@@ -170,6 +201,41 @@ def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
     q = s.norm_quantiles()
     assert abs(q["p50"] - np.median(np.linalg.norm(x, axis=1))) / q["p50"] < 0.05
     assert json.loads((store.path / "zarr.json").read_text())["attributes"]["actcache"]["format"] == "actcache-store"
+
+
+def test_info_reports_what_the_store_holds(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
+    """`actcache info` (text and --json) against the store's own arrays and files."""
+    from actcache.cli import main
+
+    N = 6 * CTX  # two shards of 4 and 2 sequences
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="1,3", max_tokens=N)
+    capsys.readouterr()
+    for argv in (["info", str(store.path), "--json"], ["info", str(store.path)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code in (0, None)
+        out = capsys.readouterr().out
+        if "--json" in argv:
+            info = json.loads(out)
+        else:
+            text = out.splitlines()
+    assert info["arrays"] == {"layer_1": 16, "layer_3": 16} and info["layers"] == [1, 3]
+    assert info["tokens_committed"] == info["tokens_planned"] == N and info["complete"]
+    assert info["dataset"] == str(tiny_text_dir.resolve()) and info["split"] == "train" and info["dataset_config"] is None
+    files = [f for f in store.path.rglob("*") if f.is_file()]
+    assert info["bytes_on_disk"] == sum(f.stat().st_size for f in files)
+    shard_files = [f for f in files if "/c/" in f.as_posix()]
+    assert info["bytes_committed_data"] == sum(f.stat().st_size for f in shard_files)
+    raw = N * (2 * 16 * 2 + 4)  # two bf16 layers of width 16 and int32 token ids per token
+    assert info["compression_ratio"] == round(raw / info["bytes_committed_data"], 4)
+    x = store.read(3, 0, N).double().norm(dim=1).numpy()
+    stats = info["stats"]["layer_3"]
+    assert stats["count"] == N and stats["nonfinite_tokens"] == 0
+    assert stats["norm_quantiles"]["max"] == pytest.approx(x.max(), rel=1e-6)
+    assert text[0] == f"store       {store.path}" and text[1] == f"model       {tiny_model_dir}"
+    assert text[2] == f"dataset     {tiny_text_dir.resolve()}  split train"
+    assert text[3] == "layers      layer_1, layer_3" and text[4] == f"tokens      {N:,} committed of {N:,}"
+    assert text[5] == "dtype       bfloat16  ctx_len 32  codec zstd" and text[-1].split()[0] == "layer_3"
 
 
 def test_skip_tokens_collects_a_window_of_the_order(tmp_path, tiny_model_dir, tiny_text_dir):

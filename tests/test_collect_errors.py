@@ -118,6 +118,23 @@ def test_resume_a_store_of_an_older_data_order(capsys, base, store):
                    "('documents joined by EOS, cut into ctx_len sequences'); collect it afresh with --overwrite")
 
 
+def test_resume_a_store_from_before_a_setting_was_added(capsys, base, store):
+    """A store written before `data.dataset_config` existed resumes: the missing entry equals None."""
+    attrs = json.loads((store / "zarr.json").read_text())
+    del attrs["attributes"]["actcache"]["data"]["dataset_config"]
+    (store / "zarr.json").write_text(json.dumps(attrs))
+    before = verify_store(store), ActivationStore(store).num_tokens
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in base + ["--layers", "0,2", "--resume"]])
+    assert e.value.code in (0, None) and (verify_store(store), ActivationStore(store).num_tokens) == before
+
+
+def test_dataset_config_of_a_local_dataset(capsys, base, tiny_text_dir):
+    assert cli(capsys, *base, "--dataset-config", "wikitext-2") == (
+        f"error: --dataset-config applies to Hub datasets, and {tiny_text_dir} is a local path: drop it"
+    )
+
+
 def test_not_enough_disk(capsys, base, monkeypatch):
     import shutil
 

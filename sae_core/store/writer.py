@@ -41,7 +41,7 @@ RESUME_KEYS = {
     "arrays": "--layers/--hookpoints",
     "dtype": "--dtype",
     "ctx_len": "--ctx-len",
-    "data": "--dataset/--split/--text-column/--seed/--max-tokens/--skip-tokens",
+    "data": "--dataset/--dataset-config/--split/--text-column/--seed/--max-tokens/--skip-tokens",
     "layout": "--seqs-per-shard/--chunk-tokens",
 }
 
@@ -95,9 +95,12 @@ def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
         a, b = old.get(key), new.get(key)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):  # name the entry that differs, not the whole dict
-                # the setting that differs before the fingerprint that follows from it
-                sub = next(k for k in sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", str(k)))
-                           if a.get(k) != b.get(k))
+                # the setting that differs before the fingerprint that follows from it; an entry
+                # missing from an older store equals None (a setting added since, left unset)
+                sub = next((k for k in sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", str(k)))
+                            if a.get(k) != b.get(k)), None)
+                if sub is None:
+                    continue
                 key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
             if key == "data.packing":  # not a setting: the store predates the current data order
                 raise UserError(
