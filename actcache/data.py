@@ -49,6 +49,8 @@ TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 # Compressed files are read through these (datasets decompresses its formats the same way).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 SUPPORTED = ".txt, .md, .jsonl, .json, .parquet or .csv (optionally .gz, .bz2 or .xz)"
+# Files of a dataset repo that describe the data rather than hold it.
+DATASET_METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
 # File and folder names that put a file in a split, as `datasets` recognises them.
 SPLIT_WORDS = {
     "train": {"train", "training"},
@@ -243,10 +245,12 @@ def _datasets():
     return datasets
 
 
-def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str):
+def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, text_column: str):
     """`datasets.load_dataset` of a Hub id; a dataset with a loading script (which datasets >= 4 no
     longer runs) is read from its data files instead: those of one format (parquet, then JSON
-    lines, then CSV), of `split` by their names, pinned to the commit they were listed at."""
+    lines, then CSV), of `split` by their names, pinned to the commit they were listed at. Each file
+    is read alone and only its text (or `input_ids`) column kept, since such files often differ in
+    their other columns (the script used to reconcile them)."""
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except RuntimeError as e:
@@ -260,6 +264,7 @@ def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str):
                         "that configuration's files and pass their folder as --dataset")
     info = HfApi().dataset_info(dataset)
     files = [Path(s.rfilename) for s in info.siblings or []]
+    files = [f for f in files if f.name not in DATASET_METADATA_FILES]
     for kind in ("parquet", "json", "csv"):
         of_kind = [f for f in files if file_kind(f) == kind]
         if of_kind:
@@ -267,8 +272,17 @@ def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str):
     else:
         raise UserError(refuse + "no .parquet, .jsonl or .csv data files; download its data and pass a local path")
     chosen = _split_files(Path(), sorted(of_kind), split, where=f"dataset {dataset!r}")
-    urls = [f"hf://datasets/{dataset}@{info.sha}/{f.as_posix()}" for f in chosen]
-    return datasets.load_dataset(kind, data_files=urls, split="train")
+    parts = []
+    for f in chosen:
+        part = datasets.load_dataset(kind, data_files=[f"hf://datasets/{dataset}@{info.sha}/{f.as_posix()}"], split="train")
+        column = "input_ids" if "input_ids" in part.column_names else text_column
+        if column not in part.column_names:
+            raise UserError(
+                f"file {f} of dataset {dataset!r} has no column {text_column!r}; its columns are "
+                f"{', '.join(part.column_names)}: pass --text-column NAME"
+            )
+        parts.append(part.select_columns([column]))
+    return datasets.concatenate_datasets(parts)
 
 
 def load_documents(
@@ -310,7 +324,7 @@ def load_documents(
         online, datasets = True, _datasets()
         try:
             with offline_unless_reachable() as online:
-                ds = _load_hub_dataset(datasets, dataset, config, split)
+                ds = _load_hub_dataset(datasets, dataset, config, split, text_column)
         except UserError:
             raise
         except Exception as e:  # datasets raises many types for "not found / unknown split"

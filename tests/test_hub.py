@@ -471,3 +471,69 @@ def test_readme_example_on_a_tiny_llama(hub: FakeHub, tmp_path: Path):
     assert reconstruction.shape == (batch, seq, D_IN)
     dense_decode = (latents.top_acts[..., None] * w["W_dec"][latents.top_indices]).sum(-2) + w["b_dec"]
     torch.testing.assert_close(reconstruction, dense_decode)
+
+
+def _dataset_repo(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_dataset_by_hub_id(hub: FakeHub, tmp_path: Path):
+    from actcache.data import load_documents
+
+    texts = [f"document {i}" for i in range(5)]
+    hub.add_repo("org/data", _dataset_repo(tmp_path / "repo", {"train.jsonl": _jsonl([{"text": t} for t in texts])}),
+                 repo_type="dataset")
+    docs = load_documents("org/data")
+    assert docs.id == "org/data" and docs.fetch(range(docs.num_docs)) == texts
+
+
+def test_dataset_with_a_loading_script_is_read_from_its_data_files(hub: FakeHub, tmp_path: Path):
+    """As togethercomputer/RedPajama-Data-1T-Sample: a script (which datasets >= 4 refuses) beside JSON
+    lines files whose other columns differ from file to file; only the text column is kept."""
+    from actcache.data import load_documents
+
+    arxiv = [{"text": f"paper {i}", "meta": {"arxiv_id": str(i), "yymm": "2301"}} for i in range(3)]
+    c4 = [{"text": f"page {i}", "meta": {"url": f"http://x/{i}"}, "source": "c4"} for i in range(2)]
+    book = [{"text": "a book", "meta": "{\"title\": \"A\"}"}]
+    repo = _dataset_repo(tmp_path / "repo", {
+        "data.py": "raise SystemExit('a loading script is never run')\n", "README.md": "# data\n",
+        "arxiv_sample.jsonl": _jsonl(arxiv), "c4_sample.jsonl": _jsonl(c4), "book_sample.jsonl": _jsonl(book),
+        "dataset_infos.json": json.dumps({"default": {"features": {}}}),
+    })
+    hub.add_repo("org/data", repo, repo_type="dataset")
+    docs = load_documents("org/data")
+    assert sorted(docs.fetch(range(docs.num_docs))) == sorted(r["text"] for r in arxiv + c4 + book)
+    with pytest.raises(UserError, match=r"^dataset 'org/data' has no splits \(no file named train.*: drop --split$"):
+        load_documents("org/data", split="test")
+    with pytest.raises(UserError, match=r"^file arxiv_sample.jsonl of dataset 'org/data' has no column 'body'; its "
+                                        r"columns are text, meta: pass --text-column NAME$"):
+        load_documents("org/data", text_column="body")
+    with pytest.raises(UserError, match=r"^dataset 'org/data' has a loading script, .* configuration 'arxiv'; download"):
+        load_documents("org/data", config="arxiv")
+
+
+def test_dataset_configurations(hub: FakeHub, tmp_path: Path):
+    """A dataset with several configurations needs --dataset-config; a wrong one lists them."""
+    from actcache.data import load_documents
+
+    card = ("---\nconfigs:\n- config_name: small\n  data_files: small.jsonl\n"
+            "- config_name: large\n  data_files: large.jsonl\n---\n# data\n")
+    repo = _dataset_repo(tmp_path / "repo", {
+        "README.md": card, "small.jsonl": _jsonl([{"text": "s"}]), "large.jsonl": _jsonl([{"text": "l"}, {"text": "L"}]),
+    })
+    hub.add_repo("org/data", repo, repo_type="dataset")
+    docs = load_documents("org/data", config="large")
+    assert docs.fetch(range(docs.num_docs)) == ["l", "L"]
+    with pytest.raises(UserError, match=r"^dataset 'org/data' has several configurations; pass --dataset-config NAME "
+                                        r"\(one of 'small', 'large'\)$"):
+        load_documents("org/data")
+    with pytest.raises(UserError, match=r"^dataset 'org/data' has no configuration 'medium'; pass --dataset-config "
+                                        r"NAME \(one of 'small', 'large'\)$"):
+        load_documents("org/data", config="medium")
