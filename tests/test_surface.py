@@ -15,7 +15,8 @@ def options(app) -> dict[str, list[str]]:
 
 def test_actcache_cli():
     assert options(actcache_app) == {
-        "collect": ["--batch-size", "--chunk-mb", "--chunk-tokens", "--codec", "--ctx-len", "--dataset", "--device",
+        "collect": ["--batch-size", "--chunk-mb", "--chunk-tokens", "--codec", "--ctx-len", "--dataset", "--dataset-config",
+                    "--device",
                     "--dtype", "--gguf-file", "--hookpoints", "--layers", "--load-in-8bit", "--max-tokens", "--model",
                     "--model-dtype", "--out", "--overwrite", "--progress", "--resume", "--revision", "--seed",
                     "--seqs-per-shard", "--shard-mb", "--skip-tokens", "--split", "--text-column", "--write-threads"],
