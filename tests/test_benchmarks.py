@@ -35,3 +35,18 @@ def test_gpu_pipeline_runs_on_cpu(tmp_path, capsys):
     assert all(0 < float(r[1]) < 1 and 0 < float(r[2]) < 1 for r in rows)
     assert (tmp_path / "acts.zarr").is_dir() and (tmp_path / "run-cpu" / "layer_0").is_dir()
     assert (tmp_path / "run-cpux2" / "layer_0").is_dir()
+
+
+def test_data_benchmark_times_windows_against_the_whole(tiny_model_dir, tmp_path, capsys):
+    from benchmarks import data
+
+    assert data.main(["--copies", "2", "--corpus-bytes", "700000", "--ctx-len", "256", "--window-tokens", "4096",
+                      "--model", str(tiny_model_dir), "--tmp-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^1\.4 MB of text in 5 documents, [\d,]+ tokens packed at ctx 256; window 16 sequences "
+                     r"\(4,096 tokens\); cache entries 0$", out, re.M), out  # 1.4 MB < CACHE_MIN_BYTES: not cached
+    rows = re.findall(r"^(whole dataset, uncached|first window, cold|second window|first window again)\s+([\d.]+)\s+"
+                      r"([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["whole dataset, uncached", "first window, cold", "second window", "first window again"]
+    assert float(rows[0][2]) == 1 and all(float(r[1]) > 0 for r in rows)
+    assert "reproduce with:\n  python -m benchmarks.data --copies 2" in out
