@@ -22,7 +22,7 @@ def collect(
     model: str | None = typer.Option(None, help=_doc["model"]),
     dataset: str | None = typer.Option(None, help=_doc["dataset"]),
     layers: str | None = typer.Option(None, help=_doc["layers"]),
-    hookpoints: list[str] | None = typer.Option(None, metavar="PATTERN", help=_doc["hookpoints"] + " Repeat or comma-separate."),
+    hookpoints: list[str] | None = typer.Option(None, metavar="PATTERN", help=_doc["hookpoints"] + " Several may follow the flag (or repeat it, or comma-separate)."),
     dataset_config: str | None = typer.Option(None, help=_doc["dataset_config"]),
     split: str = typer.Option("train", help=_doc["split"]),
     text_column: str = typer.Option("text", help=_doc["text_column"]),

@@ -23,7 +23,7 @@ class CollectConfig:
     dataset_config: str | None = None
     """Configuration (subset) of a Hub dataset that has several, e.g. wikitext-103-raw-v1."""
     split: str = "train"
-    """Dataset split."""
+    """Dataset split; a folder's files are split by name (train.jsonl, data/test/...) when all are named by one, else all are train."""
     text_column: str = "text"
     """Column holding the text (ignored for a pre-tokenized dataset with input_ids)."""
     ctx_len: int = 2048

@@ -168,9 +168,23 @@ def _piece_start(f, offset: int) -> int:
     return offset + next((i for i, b in enumerate(buf[:4]) if b & 0xC0 != 0x80), 0)
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under a folder, sorted: of a supported kind, not hidden (.git/, .cache/), not
+    dataset metadata; a README beside tables (parquet, JSON, CSV) is their card, not data."""
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and file_kind(p) is not None and p.name not in DATASET_METADATA_FILES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if any(file_kind(f) != "text" for f in files):
+        files = [f for f in files if not (file_kind(f) == "text" and f.name.lower().startswith("readme"))]
+    return files
+
+
 def _split_files(root: Path, files: list[Path], split: str, where: str | None = None) -> list[Path]:
     """The files of `split` in a folder (`where` names it in errors): by split names in their paths
-    (train.jsonl, data/validation/...); with no split names anywhere, the whole folder is the split "train"."""
+    (train.jsonl, data/validation/...) when every file has one; else the whole folder is the split
+    "train" (a folder of chapters with one named training.md is one split, not a split of one file)."""
     where = where or f"folder {root}"
 
     def split_of(f: Path) -> str | None:
@@ -179,9 +193,11 @@ def _split_files(root: Path, files: list[Path], split: str, where: str | None = 
 
     found = {f: split_of(f) for f in files}
     named = sorted({s for s in found.values() if s})
-    if not named:
+    unnamed = [f for f, s in found.items() if s is None]
+    if not named or unnamed:
         if split != "train":
-            raise UserError(f"{where} has no splits (no file named train, validation or test): drop --split")
+            why = f"{unnamed[0].relative_to(root)} is named by no split" if named else "no file is named train, validation or test"
+            raise UserError(f"{where} has no splits ({why}): drop --split")
         return files
     chosen = [f for f, s in found.items() if s == split]
     if not chosen:
@@ -310,7 +326,7 @@ def load_documents(
             except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
                 raise UserError(f"cannot read the saved dataset {path} ({first_line(e)}); save it again") from None
             return _from_table(_pick_split(saved, dataset, split), str(path.resolve()), text_column)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p) is not None)
+        files = _data_files(path)
         if not files:
             raise UserError(f"folder {path} holds no {SUPPORTED} files and is not a saved dataset")
         files = _split_files(path, files, split)

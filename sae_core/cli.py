@@ -18,10 +18,34 @@ def make_app(help: str) -> typer.Typer:
                        rich_markup_mode=None)
 
 
+# Options that take several values: `--hookpoints A B` means `--hookpoints A,B` (click options
+# take one value each; these split theirs at commas). Their commands have no positional arguments.
+MULTI_VALUE_OPTIONS = ("--hookpoints", "--exclude-token-ids")
+
+
+def join_multi_values(argv: list[str]) -> list[str]:
+    """`--opt A B C` (and `--opt=A B`) -> `--opt A,B,C` for MULTI_VALUE_OPTIONS; other arguments unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        i += 1
+        name, eq, _ = out[-1].partition("=")
+        if name not in MULTI_VALUE_OPTIONS:
+            continue
+        if not eq and i < len(argv):  # the first value, whatever it looks like
+            out.append(argv[i])
+            i += 1
+        while i < len(argv) and not argv[i].startswith("-"):
+            out[-1] += "," + argv[i]
+            i += 1
+    return out
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=join_multi_values(sys.argv[1:] if argv is None else list(argv)), standalone_mode=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

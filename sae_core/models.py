@@ -57,6 +57,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported (only CPUs and CUDA GPUs are); use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for but CUDA is not available here; use cpu (--device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -133,6 +135,9 @@ def _locate(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str |
         if not gguf.is_file():
             raise UserError(f"GGUF file {gguf} does not exist; check the path")
         return str(convert_gguf(gguf)), None
+    if path.is_file():
+        raise UserError(f"model path {path} is a file, not a model folder; pass the folder that holds it ({path.parent}) "
+                        "or a .gguf file")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; point at a transformers checkpoint folder")

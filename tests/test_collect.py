@@ -203,6 +203,33 @@ def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
     assert json.loads((store.path / "zarr.json").read_text())["attributes"]["actcache"]["format"] == "actcache-store"
 
 
+def test_folder_datasets_split_by_file_names_only_when_all_have_one(tmp_path):
+    """A folder whose files are all named by split (train.jsonl, data/test/...) is split by them;
+    one where only some are (chapters beside training.md) is one split; hidden files, dataset
+    metadata and the README of a table dataset are not data."""
+    from actcache import data
+    from sae_core import UserError
+
+    chapters = tmp_path / "chapters"
+    for name in ("training.md", "layers.md", "notes.txt"):
+        (chapters / name).parent.mkdir(exist_ok=True)
+        (chapters / name).write_text(f"the text of {name}")
+    docs = data.load_documents(str(chapters))
+    assert sorted(docs.fetch(range(docs.num_docs))) == ["the text of layers.md", "the text of notes.txt",
+                                                        "the text of training.md"]
+    with pytest.raises(UserError, match=rf"^folder {chapters} has no splits \(layers.md is named by no split\): drop --split$"):
+        data.load_documents(str(chapters), split="test")
+
+    hub_copy = tmp_path / "hub_copy"
+    for name, text in [("train.jsonl", "train row"), ("data/test/part-0.jsonl", "test row"), ("README.md", "card"),
+                       ("dataset_infos.json", None), (".cache/huggingface/x.jsonl", "cache")]:
+        (hub_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (hub_copy / name).write_text(json.dumps({"text": text, "default": {}}) + "\n" if text else "{}")
+    for split in ("train", "test"):
+        docs = data.load_documents(str(hub_copy), split=split)
+        assert docs.fetch(range(docs.num_docs)) == [f"{split} row"]
+
+
 def test_info_reports_what_the_store_holds(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
     """`actcache info` (text and --json) against the store's own arrays and files."""
     from actcache.cli import main

@@ -63,6 +63,9 @@ def test_layer_l_is_input_of_block_l(tiny_model):
         ({"name_or_path": None, "load_in_8bit": True}, r"--load-in-8bit needs a CUDA GPU"),
         ({"name_or_path": None, "device": "cuda"}, r"CUDA is not available"),
         ({"name_or_path": None, "dtype": "int8"}, r"unknown dtype 'int8'"),
+        ({"name_or_path": None, "device": "mps"}, r"^device 'mps' is not supported \(only CPUs and CUDA GPUs are\); use cpu, "),
+        ({"name_or_path": None, "device": "meta"}, r"^device 'meta' is not supported"),
+        ({"name_or_path": __file__}, rf"^model path {__file__} is a file, not a model folder; pass the folder that holds it "),
     ],
 )
 def test_bad_model_args(kwargs, match):

@@ -1,0 +1,49 @@
+"""Command-line conventions both tools share (sae_core/cli.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_core.cli import join_multi_values
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["collect", "--hookpoints", "a.*", "b", "--out", "x"], ["collect", "--hookpoints", "a.*,b", "--out", "x"]),
+        (["collect", "--hookpoints=a", "b", "c"], ["collect", "--hookpoints=a,b,c"]),
+        (["collect", "--hookpoints", "a", "--hookpoints", "b"], ["collect", "--hookpoints", "a", "--hookpoints", "b"]),
+        (["fit", "--exclude-token-ids", "0", "1", "--k", "4"], ["fit", "--exclude-token-ids", "0,1", "--k", "4"]),
+        (["fit", "--layers", "1", "2"], ["fit", "--layers", "1", "2"]),  # one value: click reports the extra one
+        (["fit", "--exclude-token-ids"], ["fit", "--exclude-token-ids"]),
+    ],
+)
+def test_options_with_several_values(argv, want):
+    assert join_multi_values(argv) == want
+
+
+def test_hookpoints_as_several_values(tmp_path, tiny_model_dir, tiny_text_dir):
+    """`--hookpoints PATTERN...`: several patterns after one flag, as the issue writes it."""
+    from actcache.cli import main
+    from sae_core.store import ActivationStore
+
+    out = tmp_path / "s.zarr"
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--model", str(tiny_model_dir), "--dataset", str(tiny_text_dir), "--ctx-len", "32",
+              "--max-tokens", "64", "--device", "cpu", "--no-progress", "--hookpoints", "model.layers.1.mlp",
+              "model.layers.[23].self_attn", "--out", str(out)])
+    assert e.value.code in (0, None)
+    assert ActivationStore(out).layers == ["model.layers.1.mlp", "model.layers.2.self_attn", "model.layers.3.self_attn"]
+
+
+def test_empty_layer_spec_is_refused(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
+    from actcache.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--model", str(tiny_model_dir), "--dataset", str(tiny_text_dir), "--layers", "", "--device", "cpu",
+              "--out", str(tmp_path / "s.zarr")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: malformed layer spec '' (at ''); use e.g. '0-31', '0,4,8', '0-29:2' or 'all'"
+    )
+    assert not (tmp_path / "s.zarr").exists()
