@@ -82,15 +82,20 @@ def info(
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="Store to check.")) -> None:
+def verify(
+    store: Path = typer.Argument(..., help="Store to check."),
+    repair: bool = typer.Option(False, "--repair", help="Set damaged shards aside (uncommit them) for `collect --resume` to re-collect."),
+) -> None:
     """Check every committed shard file is present and matches its checksum; exit 1 otherwise."""
     from sae_core.store import verify_store
 
-    problems = verify_store(store)
+    problems = verify_store(store, set_aside=repair)
     for p in problems:
         typer.echo(p, err=True)
     if problems:
-        typer.echo(f"{store}: {len(problems)} problem(s)", err=True)
+        fix = "" if repair else (f"; run `actcache verify --repair {store}` to set the damaged shards aside, then the "
+                                 "same `actcache collect` command with --resume to re-collect them")
+        typer.echo(f"{store}: {len(problems)} problem(s){fix}", err=True)
         raise typer.Exit(1)
     from sae_core.store import ActivationStore
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -17,16 +18,24 @@ from sae_core.distributed import barrier, init_distributed, rank0_error, rank_de
 from sae_core.errors import first_line
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
-from sae_core.store.format import STORAGE_DTYPES, TORCH_DTYPES, check_dtype, compressors
+from sae_core.store.format import (
+    STORAGE_DTYPES,
+    TORCH_DTYPES,
+    check_dtype,
+    compressors,
+    store_state,
+)
+from sae_core.store.layout import check_layout_options
 from sae_core.store.manifest import Manifest, read_manifests
 from sae_core.store.writer import (
     ShardWriter,
     check_disk_space,
     check_resumable,
     check_writable,
+    clear_folder,
     consolidate_manifests,
     create_store,
-    is_store,
+    damaged_shards,
     lock_store,
 )
 
@@ -70,13 +79,18 @@ def _validate(cfg: CollectConfig) -> None:
         raise UserError("pass either --layers or --hookpoints, not both")
     if cfg.resume and cfg.overwrite:
         raise UserError("pass either --resume or --overwrite, not both")
+    check_layout_options(shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard,
+                         chunk_tokens=cfg.chunk_tokens)
     out = Path(cfg.out)
-    if out.exists() and not (cfg.resume or cfg.overwrite):
+    state = store_state(out)
+    if state != "missing" and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and cfg.overwrite and any(out.iterdir()) and not is_store(out):
+    if state == "other" and cfg.overwrite:
         raise UserError(f"{out} is not an actcache store, and --overwrite replaces only stores; choose another --out")
+    if state == "other" and cfg.resume:
+        raise UserError(f"{out} is not an actcache store, so there is nothing to resume; choose another --out")
     check_writable(out)
 
 
@@ -153,6 +167,34 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
 
 def collect(cfg: CollectConfig) -> CollectResult:
     """Run the whole collection; under torchrun each rank writes its share of the shards."""
+    try:
+        return _collect(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: the shards handed over are committed (see _run); say where it stands
+        if os.environ.get("RANK", "0") == "0":
+            _report_interrupt(Path(cfg.out))
+        raise  # the CLI exits with 130
+
+
+def _report_interrupt(out: Path) -> None:
+    from sae_core.store import ActivationStore
+
+    state = store_state(out)
+    if state == "store":
+        try:
+            s = ActivationStore(out)
+            where = f"{s.num_tokens:,} of {s.layout.num_tokens:,} tokens are committed in {out}"
+        except Exception:  # noqa: BLE001 - the report must not hide the interrupt
+            where = f"the committed part of {out} is intact"
+        todo = "continue"
+    elif state == "creating":
+        where, todo = f"{out} was being created, nothing is committed", "start it"
+    else:
+        where, todo = f"nothing was written to {out}", "start it"
+    print(f"interrupted: {where}; run the same `actcache collect` command with --resume to {todo}",
+          file=sys.stderr, flush=True)
+
+
+def _collect(cfg: CollectConfig) -> CollectResult:
     t0 = time.perf_counter()
     _validate(cfg)
     rank, world = init_distributed()
@@ -167,7 +209,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     if cfg.hookpoints:
         layers, hookpoints = None, match_hookpoints(model, cfg.hookpoints)
     else:
-        layers, hookpoints = parse_layers(cfg.layers or "all", num_layers(model)), None
+        layers, hookpoints = parse_layers("all" if cfg.layers is None else cfg.layers, num_layers(model)), None
     capture = Capture(model, layers=layers, hookpoints=hookpoints)
     widths = _probe_widths(capture, model, device, cfg.ctx_len)
     seqs, data_meta = prepare(cfg, docs, tokenizer)
@@ -223,7 +265,7 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
     mine = todo[rank::world]
     writer = ShardWriter(
         out, layout=layout, dtype=cfg.dtype, rank=None if world == 1 else rank,
-        manifest=manifest if world == 1 else Manifest(),
+        manifest=manifest if world == 1 else Manifest(), counted=frozenset(manifest.recollect),
         num_threads=cfg.write_threads or (min(8, os.cpu_count() or 2) if device.type == "cuda" else 2),
     )
     written = _run(cfg, capture, writer, seqs, layout, mine, device, rank)
@@ -239,27 +281,55 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
 
 
 def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int):
-    """Create, replace or reopen the store; return what is already committed and the writer lock."""
-    if out.exists() and cfg.resume:
+    """Create, replace or reopen the store; return what is already committed and the writer lock.
+
+    Nothing is written into a folder that is not a store (checked in _validate, and again here);
+    a store is locked before it is read for resuming, emptied or created.
+    """
+    bytes_per_token = sum(widths.values()) * itemsize + 4
+    state = store_state(out)
+    if state == "other":  # changed since _validate
+        raise UserError(f"{out} is not an actcache store; choose another --out")
+    if cfg.resume and state == "store":
         lock = lock_store(out)
         try:
             check_resumable(out, meta, layout)
             manifest = consolidate_manifests(out)
-            remaining = layout.num_shards - len(manifest.shards)
-            check_disk_space(out, remaining * layout.shard_tokens * (sum(widths.values()) * itemsize + 4))
+            # A committed shard file gone or of another size (cheap: one stat per file) is set aside and
+            # re-collected; `actcache verify --repair` does the same for files that fail their checksum.
+            if bad := damaged_shards(out, manifest):
+                manifest = manifest.set_aside(bad)
+                manifest.save(out, None)
+                for shard, why in bad.items():
+                    print(f"note: shard {shard} of {out} is damaged ({why}); re-collecting it", file=sys.stderr)
+            remaining = sum(len(layout.shard_tokens_range(s)) for s in range(layout.num_shards)
+                            if s not in manifest.shards)
+            check_disk_space(out, remaining * bytes_per_token)
         except BaseException:
             lock.close()
             raise
         return manifest, lock
-    needed = layout.num_tokens * (sum(widths.values()) * itemsize + 4)
-    check_disk_space(out, needed)
-    if out.exists():  # --overwrite, checked in _validate; only now, once everything else is valid
-        shutil.rmtree(out)
+    # A new store: in a new or empty folder, over a store (--overwrite), or over one whose creation
+    # was interrupted (--resume starts it afresh: nothing in it can be committed).
+    check_disk_space(out, layout.num_tokens * bytes_per_token)
+    made = state == "missing"
     try:
-        create_store(out, meta, layout, widths, cfg.codec)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_store(out)
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}; choose another --out") from None
-    return Manifest(), lock_store(out)
+    try:
+        if state in ("store", "creating"):  # only now, once everything else is valid
+            clear_folder(out)
+        create_store(out, meta, layout, widths, cfg.codec)
+    except BaseException as e:
+        lock.close()
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot create {out}: {e.strerror or e}; choose another --out") from None
+        raise
+    return Manifest(), lock
 
 
 def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, shards, device, rank) -> int:
@@ -287,7 +357,8 @@ def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, 
             # used it last has been committed (the writer lets at most max_pending be in flight).
             if len(pool) <= writer.max_pending:
                 pool.append({
-                    name: torch.empty((layout.shard_tokens, arr.shape[1]), dtype=storage, pin_memory=pin)
+                    name: torch.empty((min(layout.shard_tokens, layout.num_tokens), arr.shape[1]), dtype=storage,
+                                      pin_memory=pin)
                     for name, arr in writer.arrays.items()
                 })
             slot = pool[n % len(pool)]

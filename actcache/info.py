@@ -40,6 +40,7 @@ def store_info(path: str | Path) -> dict:
         "complete": store.complete,
         "shards_committed": len(store.manifest.shards),
         "shards_planned": store.layout.num_shards,
+        "shards_set_aside": {str(i): why for i, why in sorted(store.manifest.recollect.items())},
         "layout": store.layout.to_dict(),
         "bytes_on_disk": _disk_bytes(store.path),
         "bytes_committed_data": data_bytes,
@@ -61,6 +62,8 @@ def format_info(info: dict) -> str:
         f"layers      {len(info['arrays'])}: {next(iter(info['arrays']))} .. {list(info['arrays'])[-1]}",
         f"tokens      {info['tokens_committed']:,} committed of {info['tokens_planned']:,}"
         + ("" if info["complete"] else f"  (INCOMPLETE: {info['shards_committed']}/{info['shards_planned']} shards)"),
+        *(f"set aside   shard {i}: {why} (re-collect with `actcache collect ... --resume`)"
+          for i, why in info.get("shards_set_aside", {}).items()),
         f"dtype       {info['dtype']}  ctx_len {info['ctx_len']}  codec {info['codec']}",
         f"on disk     {gb:.3f} GB  compression ratio {info['compression_ratio']}",
     ]

@@ -1,4 +1,4 @@
-"""Loading SAEs from the Hugging Face Hub, downloading only the folders asked for."""
+"""Loading SAEs from the Hugging Face Hub, downloading only the folders asked for (a local folder is read in place)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -24,14 +25,38 @@ from .checkpoint import (
     sae_folders,
     select_folders,
 )
-from .errors import UserError
+from .errors import UserError, first_line
 from .online import not_cached
 from .sae import Sae
+
+
+def local_folder(name: str | Path) -> Path | None:
+    """The local folder `name` names, or None for a Hub repo id.
+
+    As transformers' `from_pretrained`: an existing folder is read locally (whatever its name); a
+    name that can only be a path (it starts with `/`, `.` or `~`, or has more than one `/`) and
+    does not exist is refused here rather than sent to the Hub as a repo id.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{text} is a file, not a folder; pass a folder of SAE folders or a Hub repo id (owner/name)")
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise UserError(f"folder {text} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
+                        "or a Hub repo id (owner/name)")
+    return None
 
 
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except HFValidationError as e:
+        raise UserError(
+            f"{repo_id!r} is neither a local folder nor a Hub repo id ({first_line(e)}); pass an existing "
+            "folder or a repo id such as EleutherAI/sae-llama-3-8b-32x"
+        ) from None
     except RepositoryNotFoundError:
         raise UserError(
             f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login` or set HF_TOKEN)"
@@ -103,26 +128,32 @@ def load_from_hub(
             layer, hookpoint = None, layer
     if layer is not None and hookpoint is not None:
         raise UserError("pass either layer= or hookpoint=, not both")
+    local = local_folder(repo_id)
+    where = f"folder {local}" if local is not None else f"Hub repo {repo_id!r}"
+
+    def listing(root: Path) -> list[str]:
+        return sae_folders(root) if local is not None else list_hub_saes(repo_id, revision, after_download=True)
+
     if layer is None and hookpoint is None:
-        root = _download(repo_id, revision, [CFG_NAME, WEIGHTS_NAME])
+        root = local if local is not None else _download(repo_id, revision, [CFG_NAME, WEIGHTS_NAME])
         if (root / CFG_NAME).is_file():
             return load_sae(root, device=device, dtype=dtype, decoder=decoder)
-        available = list_hub_saes(repo_id, revision, after_download=True)
+        available = listing(root)
         raise UserError(
-            f"Hub repo {repo_id!r} holds one SAE per layer; pass layer=N or hookpoint=NAME "
+            f"{where} holds one SAE per layer; pass layer=N or hookpoint=NAME "
             f"(it has: {', '.join(available) or 'none found'})"
         )
 
     candidates = layer_folder_names(layer) if layer is not None else [hookpoint]
-    root = _download(repo_id, revision, _folder_patterns(candidates))
+    root = local if local is not None else _download(repo_id, revision, _folder_patterns(candidates))
     for name in candidates:
         if (root / name / CFG_NAME).is_file():
             return load_sae(root / name, device=device, dtype=dtype, decoder=decoder)
-    available = list_hub_saes(repo_id, revision, after_download=True)
+    available = listing(root)
     layers = sorted({n for n in map(folder_layer, available) if n is not None})
     what = f"layer {layer}" if layer is not None else f"hookpoint {hookpoint!r}"
     has = f"layers {layers}" if layers and layer is not None else ", ".join(available) or "none found"
-    raise UserError(f"Hub repo {repo_id!r} has no SAE for {what}; it has: {has}")
+    raise UserError(f"{where} has no SAE for {what}; it has: {has}")
 
 
 def load_many_from_hub(
@@ -135,6 +166,9 @@ def load_many_from_hub(
     dtype: torch.dtype | None = None,
     decoder: bool = True,
 ) -> dict[str, Sae]:
+    local = local_folder(repo_id)
+    if local is not None:  # an existing folder is read where it is, as `Sae.load_many(..., local=True)`
+        return load_many_local(local, layers, pattern, device=device, dtype=dtype, decoder=decoder)
     if layers is None:
         # Every SAE folder (filtered by pattern): fetch only cfg.json and weights of those.
         allow = _folder_patterns([pattern or "*"])

@@ -59,7 +59,7 @@ class TrainConfig:
     init_from: Path | None = None
     """Start from another run's last checkpoint (SAEs, Adam state, dead-latent counters, step): train on the next store."""
     overwrite: bool = False
-    """Replace an existing run folder."""
+    """Replace an existing run folder (a saetrain run or an empty folder; any other folder is refused)."""
     distribute_layers: bool = False
     """Under torchrun: give each rank a share of the layers instead of data parallelism."""
     device: str = "auto"

@@ -81,9 +81,13 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     if store.layer_ids is not None and spec.strip().lower().startswith("all"):  # all:2
         ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
         return [f"layer_{i}" for i in ids]
+    items = [s for s in (s.strip() for s in spec.split(",")) if s]
+    if not items:  # "" or ",": as parse_layers refuses it
+        raise UserError(f"--layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
+                        f"'0-29:2', 'all' or names of the store's arrays ({', '.join(store.layers)})")
     wanted: set[str] = set()
     numbers = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    for item in items:
         if item in store.layers:
             wanted.add(item)
         elif any(c in item for c in "*?["):
@@ -181,6 +185,10 @@ def _validate(cfg: TrainConfig) -> None:
                  "shuffle_window"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "auxk_alpha", "grad_clip", "holdout"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("num_latents", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "exclude_first_tokens",
                  "save_every", "grad_clip"):
         if getattr(cfg, name) < 0:
@@ -198,11 +206,49 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("pass either --resume or --overwrite, not both")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
-    out = Path(cfg.out)
+    _check_out(cfg)
+
+
+# What `saetrain fit` writes into config.json (besides the settings): how a run folder is recognised.
+RUN_KEYS = ("store_fingerprint", "layers", "num_latents_per_layer", "holdout_chunks")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` is a run written by `saetrain fit` (its config.json holds saetrain's keys)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and all(k in config for k in RUN_KEYS)
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse a run folder that would destroy or mix with other data, before anything is deleted or written.
+
+    `--overwrite` (and `--resume`) take only an empty folder or a saetrain run; the store is never
+    the run folder, inside it or around it.
+    """
+    out, store = Path(cfg.out), Path(cfg.store)
+    o, s = out.resolve(), store.resolve()
+    if o == s or o in s.parents or s in o.parents:
+        how = "is" if o == s else "contains" if o in s.parents else "is inside"
+        raise UserError(f"--out {out} {how} the store {store}; choose an --out outside the store (e.g. runs/NAME)")
+    if out.is_symlink() and (cfg.overwrite or not out.exists()):
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the folder itself")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
+    # A crash between creating the folder and renaming config.json in leaves only its temporary file.
+    if not is_run(out) and not all(n.startswith(".config.json.tmp") for n in entries):
+        held = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
+        raise UserError(f"--out {out} is not a saetrain run (it holds {held}); choose another --out")
+    if cfg.overwrite and cfg.init_from is not None and o in Path(cfg.init_from).resolve().parents:
+        raise UserError(f"--init-from {cfg.init_from} is inside --out {out}, which --overwrite deletes; "
+                        "move it or choose another --out")
 
 
 def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], world: int) -> dict:
@@ -212,6 +258,13 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
             f"--batch-size {cfg.batch_size} must be divisible by --grad-acc-steps x data-parallel ranks "
             f"({cfg.grad_acc_steps} x {dp_world})"
         )
+    loader_batch = cfg.batch_size // (cfg.grad_acc_steps * dp_world)
+    if cfg.micro_acc_steps > loader_batch:
+        raise UserError(
+            f"--micro-acc-steps {cfg.micro_acc_steps} splits batches of {loader_batch} token(s) (--batch-size "
+            f"{cfg.batch_size} / (--grad-acc-steps {cfg.grad_acc_steps} x data-parallel ranks {dp_world})) into "
+            f"micro-batches of less than 1 token; use at most {loader_batch} or raise --batch-size"
+        )
     d_in = {n: store.d(n) for n in layers}
     num_latents = {n: cfg.num_latents or d * cfg.expansion_factor for n, d in d_in.items()}
     for n, m in num_latents.items():
@@ -219,7 +272,15 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
             raise UserError(f"--k {cfg.k} is larger than the number of latents of {n} ({m}); lower --k or raise --expansion-factor")
     train, hold = split_holdout(store.committed_chunks(), cfg.holdout, cfg.seed)
     if not train:
-        raise UserError(f"store {store.path} has too few committed chunks to hold out {cfg.holdout}; lower --holdout")
+        n = len(hold)
+        held = (f"1 committed chunk and --holdout {cfg.holdout} holds it out (any fraction above 0 holds out at "
+                "least one whole chunk)" if n == 1 else
+                f"{n} committed chunks and --holdout {cfg.holdout} holds out all of them (it rounds to whole chunks)")
+        lower = "" if n == 1 else f"a --holdout below {math.floor((n - 0.5) / n * 1e4) / 1e4:g}, "
+        raise UserError(
+            f"store {store.path} has {held}, leaving none to train on; pass {lower}--holdout 0 (no held-out "
+            "evaluation), or collect more tokens or smaller chunks (actcache collect --max-tokens / --chunk-tokens)"
+        )
     lrs = {n: cfg.lr or default_lr(m) for n, m in num_latents.items()}
     return {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
@@ -237,7 +298,7 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
         "train_chunks": len(train),
         "world": world,
         "data_parallel_world": dp_world,
-        "loader_batch": cfg.batch_size // (cfg.grad_acc_steps * dp_world),
+        "loader_batch": loader_batch,
     }
 
 
@@ -294,10 +355,8 @@ def fit(cfg: TrainConfig) -> FitResult:
         raise UserError(f"the exclusions leave {loader.epoch_tokens(0)} training token(s) in {store.path}; "
                         "exclude fewer (--exclude-token-ids / --exclude-first-tokens) or lower --holdout")
 
-    state = _prepare_out(cfg, out, resolved, rank)
-    if plan and rank == 0:
-        atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
-        print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
+    # The SAEs and optimizers are made on the device before the run folder is touched too: a device
+    # that cannot hold them fails here, with nothing written or deleted.
     sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
                             num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
                for n in layers}
@@ -306,6 +365,11 @@ def fit(cfg: TrainConfig) -> FitResult:
                         seed=cfg.seed * 100_003 + layers.index(n))
         for n in mine
     }
+
+    state = _prepare_out(cfg, out, resolved, rank)
+    if plan and rank == 0:
+        atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
+        print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
     start = ckpt.latest(out)[0] if state is not None else init[0] if init is not None else None
     if start is not None:
         for n, t in trainers.items():

@@ -281,3 +281,70 @@ def test_loaded_sae_trains(tmp_path, dtype):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     opt.step()
     assert all(not torch.equal(before[n], p.detach()) for n, p in params.items())
+
+
+# ------------------------------------------------------------------ local folders by name
+def _run_folder(root: Path) -> Path:
+    for layer in (0, 2, 10):
+        write_folder(root / f"layer_{layer}", tensors=published_tensors(seed=layer))
+    return root
+
+
+def test_an_existing_folder_loads_locally_without_local_true(tmp_path, monkeypatch):
+    """As transformers' from_pretrained: a name that is an existing folder is read in place, never sent to the Hub."""
+    import sae_core.hub as hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("asked the Hub for a local folder")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_hub)
+    monkeypatch.setattr(hub, "HfApi", no_hub)
+    run = _run_folder(tmp_path / "runs" / "a")
+    expected = Sae.load_many(run, local=True)
+    monkeypatch.chdir(tmp_path)
+    for name in (str(run), "runs/a", "./runs/a", run):
+        saes = Sae.load_many(name)
+        assert list(saes) == ["layer_0", "layer_2", "layer_10"]
+        assert torch.equal(saes["layer_10"].W_dec, expected["layer_10"].W_dec)
+        assert list(Sae.load_many(name, False, [10])) == ["layer_10"]
+        assert list(Sae.load_many_from_hub(str(name), layers=["2"])) == ["layer_2"]
+        assert torch.equal(Sae.load_from_hub(str(name), layer=2).W_dec, expected["layer_2"].W_dec)
+        assert torch.equal(Sae.load_from_hub(str(name), hookpoint="layer_0").W_dec, expected["layer_0"].W_dec)
+    assert torch.equal(Sae.load_from_hub("runs/a/layer_10").W_dec, expected["layer_10"].W_dec)  # one SAE's folder
+    for call, message in [
+        (lambda: Sae.load_from_hub("runs/a", layer=5), "folder runs/a has no SAE for layer 5; it has: layers [0, 2, 10]"),
+        (lambda: Sae.load_from_hub("runs/a"), "folder runs/a holds one SAE per layer; pass layer=N or hookpoint=NAME "
+                                             "(it has: layer_0, layer_2, layer_10)"),
+        (lambda: Sae.load_many("runs/a", layers=[5]), "runs/a has no SAE for layer 5; it has: layer_0, layer_2, layer_10"),
+    ]:
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name", ["/no/such/run", "./runs/missing", "../missing", "~/no-such-sae-run-here", "runs/a/b"])
+def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(tmp_path, monkeypatch, name):
+    import sae_core.hub as hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("asked the Hub for a path")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    message = (f"folder {name} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
+               "or a Hub repo id (owner/name)")
+    for call in (lambda: Sae.load_many(name), lambda: Sae.load_many_from_hub(name),
+                 lambda: Sae.load_from_hub(name), lambda: Sae.load_from_hub(name, layer=3)):
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value) == message
+
+
+def test_a_name_that_is_no_repo_id_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(UserError) as e:
+        Sae.load_many("file.txt")
+    assert str(e.value) == "file.txt is a file, not a folder; pass a folder of SAE folders or a Hub repo id (owner/name)"
+    with pytest.raises(UserError, match=r"^'bad name!' is neither a local folder nor a Hub repo id \(HFValidationError: "):
+        Sae.load_many("bad name!")

@@ -28,6 +28,7 @@ import torch
 from actcache.cli import main as actcache_main
 from sae_core import UserError
 from sae_core.store import ActivationStore, verify_store
+from sae_core.store.format import store_state
 from sae_core.store.manifest import manifest_files
 from sae_core.store.writer import ShardWriter
 from tests.conftest import TINY_TEXT
@@ -299,6 +300,9 @@ KILL_CHAINS = {
     # Killed once the store exists but nothing is committed; the resumed run after its first
     # commit.
     "before-first-commit": ["created", 1],
+    # Killed as soon as the group's zarr.json appears (most likely while its arrays are being
+    # created); the resumed run starts the store afresh and is killed after its first commit.
+    "during-creation": ["zarr.json", 1],
     # Killed after >= 5 commits; the resumed run after >= 12 in all.
     "mid-run": [5, 12],
 }
@@ -312,6 +316,13 @@ def kill_chain(tmp_path: Path, argv, ref: Reference, name: str, kill_points: lis
         proc = start(python_cmd(argv(out, *(["--resume"] if i else []))), log)
         if point == "created":
             kill_when(proc, out, created, log, poll=0.005)
+        elif point == "zarr.json":
+            kill_when(proc, out, lambda out: (out / "zarr.json").exists(), log, poll=0.001)
+            if not created(out):
+                assert store_state(out) == "creating" and not committed(out)
+                with pytest.raises(UserError, match="is incomplete: its creation was interrupted, nothing is committed"):
+                    ActivationStore(out)
+                continue
         else:
             kill_when(proc, out, at_least(point), log)
         shards = check_interrupted(out, ref)
@@ -355,6 +366,60 @@ def test_torchrun_killed_then_single_process_resume(tmp_path, argv, ref):
     assert names and names <= {"manifest.rank0.json", "manifest.rank1.json"}, names
     check_interrupted(out, ref)
     resume_to_end(out, argv, ref, tmp_path / "resume.log")
+
+
+def test_ctrl_c_says_what_is_committed_then_resumes(tmp_path, argv, ref):
+    """SIGINT mid-run: exit code 130, one line on stderr with the committed tokens and how to continue."""
+    out = tmp_path / "int.zarr"
+    log = tmp_path / "int.log"
+    proc = start(python_cmd(argv(out)), log)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while len(committed(out)) < 3:
+            assert proc.poll() is None, f"the run ended before its interrupt:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "interrupt point never reached"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 130, log.read_text()
+    shards = check_interrupted(out, ref)
+    tokens = ActivationStore(out).num_tokens
+    assert log.read_text().strip().splitlines() == [
+        f"interrupted: {tokens:,} of {ref.store.num_tokens:,} tokens are committed in {out}; "
+        "run the same `actcache collect` command with --resume to continue"
+    ]
+    assert shards == set(range(len(shards)))
+    resume_to_end(out, argv, ref, tmp_path / "int.resume.log")
+
+
+def test_recollected_shards_are_counted_once_across_ranks(tmp_path):
+    """A shard set aside (failed verification) keeps its statistics; a rank that re-collects it adds
+    its files, and folding the rank's manifest in does not count it twice."""
+    from sae_core.store.manifest import Manifest, ShardRecord
+    from sae_core.store.stats import RunningStats
+
+    x = [torch.randn(8, 4, dtype=torch.float64) for _ in range(3)]
+    main = Manifest({i: ShardRecord(i, (8 * i, 8 * i + 8), {}) for i in range(3)},
+                    {"a": RunningStats.of(x[0]).merge(RunningStats.of(x[1])).merge(RunningStats.of(x[2]))})
+    aside = main.set_aside({1: "f fails its checksum"})
+    assert sorted(aside.shards) == [0, 2] and aside.recollect == {1: "f fails its checksum"}
+    assert aside.stats["a"].count == 24
+    # A rank writer (its own, empty manifest; told shard 1 is counted) commits the files, not the stats.
+    from sae_core.store.layout import StoreLayout
+    from sae_core.store.writer import create_store
+
+    layout = StoreLayout(num_sequences=6, ctx_len=4, seqs_per_shard=2, chunk_tokens=4)
+    create_store(tmp_path, {"dtype": "float32", "arrays": {"a": {"d": 4}}}, layout, {"a": 4}, "none")
+    writer = ShardWriter(tmp_path, layout=layout, dtype="float32", manifest=Manifest(), rank=1, fsync=False,
+                         counted=frozenset({1}))
+    writer.submit(1, {"a": x[1].float()}, np.arange(8))
+    writer.close()
+    rank = Manifest.from_json((tmp_path / "manifest.rank1.json").read_text(), "rank1")
+    assert sorted(rank.shards) == [1] and rank.stats == {}
+    folded = Manifest.from_json(aside.to_json(), "m").merged_with(rank)
+    assert sorted(folded.shards) == [0, 1, 2] and folded.recollect == {} and folded.stats["a"].count == 24
 
 
 def fill_disk_after(monkeypatch, shards: int) -> None:

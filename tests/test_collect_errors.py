@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from actcache.cli import main
+from sae_core import UserError
 from sae_core.store import ActivationStore, StoreCorruptError, verify_store
 
 
@@ -169,19 +172,79 @@ def test_verify_reports_what_is_committed(capsys, store):
         cli(capsys, "info", store)
 
 
-def test_corrupted_chunk(capsys, store):
+def test_corrupted_chunk(capsys, base, store):
+    """A flipped byte fails the read; the error's advice works: verify sets the shard aside, --resume re-collects it."""
     shard = store / "layers" / "layer_2" / "c" / "0" / "0"
-    data = bytearray(shard.read_bytes())
+    good = shard.read_bytes()
+    before = ActivationStore(store)
+    want, stats = before.read(2), before.stats(2)
+    data = bytearray(good)
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(StoreCorruptError, match=r"reading layer_2 tokens \[0, 32\) failed.*actcache verify"):
+    with pytest.raises(StoreCorruptError) as e:
         ActivationStore(store).read(2, 0, 32)
+    assert str(e.value).startswith(f"store {store}: reading layer_2 tokens [0, 32) failed (")
+    assert str(e.value).endswith(
+        "a chunk is corrupt or missing; run `actcache verify --repair` on the store (it sets damaged shards aside), then the "
+        "same `actcache collect` command with --resume to re-collect them")
     assert ActivationStore(store).read(0, 0, 32).shape == (32, 16)
     assert verify_store(store) == ["shard 0: layers/layer_2/c/0/0 fails its checksum"]
+    assert ActivationStore(store).committed_shards == list(range(9))  # only looked
     with pytest.raises(SystemExit) as e:
         main(["verify", str(store)])
     assert e.value.code == 1
-    assert "fails its checksum" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        "shard 0: layers/layer_2/c/0/0 fails its checksum",
+        f"{store}: 1 problem(s); run `actcache verify --repair {store}` to set the damaged shards aside, then the same "
+        "`actcache collect` command with --resume to re-collect them",
+    ]
+    assert ActivationStore(store).committed_shards == list(range(9))  # still only looked
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--repair", str(store)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "shard 0: layers/layer_2/c/0/0 fails its checksum; shard set aside (uncommitted): run the same "
+        "`actcache collect` command with --resume to re-collect it",
+        f"{store}: 1 problem(s)",
+    ]
+    s = ActivationStore(store)
+    assert s.committed_shards == list(range(1, 9)) and s.manifest.recollect == {0: "layers/layer_2/c/0/0 fails its checksum"}
+    with pytest.raises(UserError, match=r"include shard 0, which is not committed \(set aside by verification: "
+                                        r"layers/layer_2/c/0/0 fails its checksum\); finish the collection"):
+        s.read(2, 0, 32)
+    main_ok("info", store)
+    assert ("set aside   shard 0: layers/layer_2/c/0/0 fails its checksum (re-collect with `actcache collect ... "
+            "--resume`)") in capsys.readouterr().out.splitlines()
+    main_ok("verify", store)  # the rest is sound
+    main_ok(*base, "--layers", "0,2", "--resume")
+    assert "wrote 128 tokens" in capsys.readouterr().out
+    main_ok("verify", store)
+    assert capsys.readouterr().out.strip() == f"{store}: OK (9 of 9 shards committed, 1,056 of 1,056 tokens)"
+    after = ActivationStore(store)
+    assert shard.read_bytes() == good and after.manifest.recollect == {}
+    assert torch_equal(after.read(2), want)
+    # The shard's statistics were counted once, when first committed: not again.
+    assert after.stats(2).count == stats.count == 1056
+    np.testing.assert_allclose(after.stats(2).mean, stats.mean)
+    np.testing.assert_array_equal(after.stats(2).norm_hist, stats.norm_hist)
+
+
+def test_resume_recollects_a_committed_shard_file_cut_short_or_gone(capsys, base, store):
+    """--resume checks every committed file's size (a stat each) and re-collects the damaged shards."""
+    want = ActivationStore(store).read(0)
+    cut = store / "layers" / "layer_0" / "c" / "3" / "0"
+    cut.write_bytes(cut.read_bytes()[:50])
+    (store / "tokens" / "c" / "5").unlink()
+    main_ok(*base, "--layers", "0,2", "--resume")
+    captured = capsys.readouterr()
+    assert "wrote 256 tokens" in captured.out
+    assert captured.err.splitlines() == [
+        f"note: shard 3 of {store} is damaged (layers/layer_0/c/3/0 has 50 bytes, manifest says "
+        f"{ActivationStore(store).manifest.shards[3].files['layers/layer_0/c/3/0']['bytes']}); re-collecting it",
+        f"note: shard 5 of {store} is damaged (tokens/c/5 is missing); re-collecting it",
+    ]
+    assert verify_store(store) == [] and torch_equal(ActivationStore(store).read(0), want)
+    assert ActivationStore(store).stats(0).count == 1056
 
 
 def test_not_a_store(capsys, tmp_path):
@@ -292,3 +355,120 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- layout options
+@pytest.mark.parametrize("argv, msg", [
+    (["--chunk-tokens", "0"], "--chunk-tokens must be at least 1, got 0; leave it out to size chunks from --chunk-mb"),
+    (["--chunk-tokens", "-32"], "--chunk-tokens must be at least 1, got -32; leave it out to size chunks from --chunk-mb"),
+    (["--seqs-per-shard", "0"], "--seqs-per-shard must be at least 1, got 0; leave it out to size shards from --shard-mb"),
+    (["--seqs-per-shard", "-1"], "--seqs-per-shard must be at least 1, got -1; leave it out to size shards from --shard-mb"),
+    (["--chunk-mb", "nan"], "--chunk-mb must be a positive number of MiB, got nan"),
+    (["--shard-mb", "nan"], "--shard-mb must be a positive number of MiB, got nan"),
+    (["--shard-mb", "inf"], "--shard-mb must be a positive number of MiB, got inf"),
+    (["--chunk-mb", "0"], "--chunk-mb must be a positive number of MiB, got 0.0"),
+    (["--shard-mb", "-1"], "--shard-mb must be a positive number of MiB, got -1.0"),
+    (["--seqs-per-shard", "4", "--chunk-tokens", "96"],
+     "chunk size 96 tokens does not divide the shard size 128 tokens (4 sequences of 32); pick a divisor, "
+     "or --seqs-per-shard a multiple of 3"),
+])
+def test_bad_layout_options(capsys, base, tmp_path, argv, msg):
+    # --seqs-per-shard 4 in `base` comes first: the later value wins.
+    assert cli(capsys, *base, "--layers", "0", *argv) == f"error: {msg}"
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_plan_layout_shards_are_whole_chunks_for_any_amount_of_data():
+    from sae_core.store.layout import plan_layout
+
+    # Data smaller than one shard: the shard is rounded up to whole chunks (80 sequences), not cut to 76.
+    lay = plan_layout(num_sequences=76, ctx_len=32, bytes_per_token=32, chunk_tokens=256)
+    assert (lay.seqs_per_shard, lay.num_shards, lay.num_chunks, lay.chunk_tokens_range(9)) == (80, 1, 10, range(2304, 2432))
+    # The default shard size, rounded to whole chunks; and an explicit one: the last shard is partial.
+    assert plan_layout(num_sequences=10**6, ctx_len=32, bytes_per_token=3200, chunk_tokens=96).seqs_per_shard == 327
+    lay = plan_layout(num_sequences=76, ctx_len=32, bytes_per_token=32, seqs_per_shard=16, chunk_tokens=256)
+    assert (lay.seqs_per_shard, lay.num_shards, list(lay.shard_chunks(4)), lay.shard_tokens_range(4)) == (
+        16, 5, [8, 9], range(2048, 2432))
+    # Without --chunk-tokens the shard is cut to the data, as before (stores made so still resume).
+    assert plan_layout(num_sequences=76, ctx_len=32, bytes_per_token=32).seqs_per_shard == 76
+
+
+@pytest.mark.parametrize("extra", [[], ["--seqs-per-shard", "16"]])
+def test_chunk_tokens_that_divide_a_full_shard_work_for_a_partial_window(base, tmp_path, extra):
+    """`--chunk-tokens 256` on a window smaller than a shard, or with a partial last shard: the store is
+    written and read whole, and saetrain trains on it (the last chunk is partial)."""
+    from saetrain import TrainConfig, fit
+
+    out = tmp_path / "win.zarr"
+    i = base.index("--seqs-per-shard")
+    main_ok(*base[:i], *base[i + 2 :], "--layers", "1,2", "--max-tokens", 4096, "--skip-tokens", 512,
+            "--chunk-tokens", 256, *extra, "--out", out)
+    s = ActivationStore(out)
+    n = s.layout.num_sequences
+    assert s.complete and s.num_tokens == n * 32 and n % 8 and s.layout.chunk_tokens == 256
+    assert s.layout.seqs_per_shard == (16 if extra else -(-n // 8) * 8)
+    assert len(s.read(1)) == len(s.tokens()) == n * 32 and verify_store(out) == []
+    assert len(s.read_chunk(2, s.layout.num_chunks - 1)) == n * 32 % 256
+    fit(TrainConfig(store=out, out=tmp_path / "run", layers="1", k=4, expansion_factor=2, batch_size=64,
+                    device="cpu", progress=False, save_every=0, holdout=0.3))
+    assert (tmp_path / "run" / "layer_1").is_dir()
+
+
+# ------------------------------------------------------------- interrupted creation, leftovers, refusals
+KILL_IN_CREATE = """
+import os, signal, sys
+import zarr.core.group as g
+g.Group.create_array = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+from actcache.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_store_killed_right_after_its_zarr_json_appears(capsys, base, tmp_path):
+    """SIGKILL between writing the group's zarr.json and its arrays: a store nothing is committed in,
+    which info/verify call incomplete and --resume / --overwrite collect afresh."""
+    out = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-c", KILL_IN_CREATE, *map(str, base), "--layers", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".writer.lock", "zarr.json"]
+    incomplete = (f"error: store {out} is incomplete: its creation was interrupted, nothing is committed; collect it "
+                  "with the same `actcache collect` command and --resume (or --overwrite)")
+    assert cli(capsys, "info", out) == cli(capsys, "verify", out) == incomplete
+    main_ok(*base, "--layers", "0", "--resume")
+    assert "wrote 1,056 tokens" in capsys.readouterr().out and verify_store(out) == []
+    # The same state, as an older actcache left it (a group without attributes), is replaced by --overwrite.
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "zarr.json").write_text('{"attributes": {}, "zarr_format": 3, "node_type": "group"}')
+    assert cli(capsys, "verify", out) == incomplete
+    main_ok(*base, "--layers", "0", "--overwrite")
+    assert ActivationStore(out).complete
+
+
+def test_zarr_groups_that_are_not_stores_are_never_replaced(capsys, base, tmp_path):
+    import zarr
+
+    out = tmp_path / "s.zarr"
+    zarr.open_group(str(out), mode="w", zarr_format=3).create_array("x", shape=(4,), dtype="int32")[:] = 7
+    for flag, msg in (("--overwrite", "and --overwrite replaces only stores; choose another --out"),
+                      ("--resume", "so there is nothing to resume; choose another --out")):
+        assert cli(capsys, *base, "--layers", "0", flag) == f"error: {out} is not an actcache store, {msg}"
+    assert zarr.open_array(str(out / "x"), mode="r")[:].tolist() == [7] * 4
+    assert not (out / ".writer.lock").exists()
+
+
+def test_a_refused_resume_leaves_nothing_behind(capsys, base, tmp_path, tiny_text_dir):
+    text = tmp_path / "text"
+    shutil.copytree(tiny_text_dir, text)
+    files = sorted(p.name for p in text.iterdir())
+    assert cli(capsys, *base, "--resume", "--out", text) == (
+        f"error: {text} is not an actcache store, so there is nothing to resume; choose another --out")
+    assert sorted(p.name for p in text.iterdir()) == files
+    # An empty folder (perhaps with a lock an older actcache left) is no store yet: both flags start one.
+    for flag in ("--overwrite", "--resume"):
+        empty = tmp_path / f"empty{flag}"
+        empty.mkdir()
+        (empty / ".writer.lock").touch()
+        main_ok(*base, "--layers", "0", flag, "--out", empty)
+        assert ActivationStore(empty).complete

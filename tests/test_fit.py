@@ -339,3 +339,130 @@ def test_evaluate_cli(capsys, store_path, tmp_path, tiny_model_dir, tiny_text_di
         main(["evaluate", str(out), "--store", str(other)])
     text = capsys.readouterr().err.strip()
     assert e.value.code == 2 and f"error: {other} is not the store {out} was trained on" in text
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, monkeypatch):
+    """--overwrite deletes nothing that `saetrain fit` did not write, and never the store."""
+    base = ["--layers", "1", "--max-tokens", 64]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    assert err(capsys, "--store", store_path, "--out", precious, "--overwrite", *base) == (
+        f"error: --out {precious} is not a saetrain run (it holds thesis.txt); choose another --out")
+    assert (precious / "thesis.txt").read_text() == "x"
+    for i in range(4):
+        (precious / f"f{i}").write_text("x")
+    assert f"--out {precious} is not a saetrain run (it holds f0, f1, f2, ... (5 entries)); choose another --out" in err(
+        capsys, "--store", store_path, "--out", precious, "--resume", *base)  # nor written into with --resume
+    assert sorted(p.name for p in precious.iterdir()) == ["f0", "f1", "f2", "f3", "thesis.txt"]
+
+    # The store itself, a folder holding it, a folder inside it: refused even without --overwrite.
+    store_copy = tmp_path / "data" / "s.zarr"
+    shutil.copytree(store_path, store_copy)
+    before = _tree(tmp_path / "data")
+    for out, how in [(store_copy, "is"), (tmp_path / "data", "contains"), (store_copy / "runs", "is inside")]:
+        for extra in ([], ["--overwrite"]):
+            assert err(capsys, "--store", store_copy, "--out", out, *extra, *base) == (
+                f"error: --out {out} {how} the store {store_copy}; choose an --out outside the store (e.g. runs/NAME)")
+    monkeypatch.chdir(tmp_path / "data")  # relative paths and "." alike
+    assert "error: --out . contains the store s.zarr" in err(capsys, "--store", "s.zarr", "--out", ".", "--overwrite", *base)
+    assert _tree(tmp_path / "data") == before
+
+    # A run is replaced; so is an empty folder.
+    run = tmp_path / "run"
+    fit(cfg(store_path, run, layers="1", max_tokens=64))
+    (run / "notes.txt").write_text("a run's folder is the run's")
+    fit(cfg(store_path, run, layers="2", max_tokens=64, overwrite=True))
+    assert not (run / "notes.txt").exists() and json.loads((run / "config.json").read_text())["layers"] == ["layer_2"]
+    (tmp_path / "empty").mkdir()
+    fit(cfg(store_path, tmp_path / "empty", layers="1", max_tokens=64, overwrite=True))
+    # A run refused on its settings is left as it was.
+    before = _tree(run)
+    assert "--lr must be a finite number, got inf" in err(capsys, "--store", store_path, "--out", run, "--overwrite",
+                                                          "--lr", "inf", *base)
+    assert _tree(run) == before
+
+
+def test_an_empty_layer_selection_is_refused(capsys, store_path, tmp_path):
+    out = tmp_path / "run"
+    for spec in ("", ",", " , "):
+        assert err(capsys, "--store", store_path, "--out", out, "--layers", spec) == (
+            f"error: --layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
+            "'0-29:2', 'all' or names of the store's arrays (layer_0, layer_1, layer_2, layer_3)")
+    assert not out.exists()
+
+
+def test_holdout_of_every_chunk_names_fixes_that_work(capsys, tmp_path, tiny_model_dir, tiny_text_dir):
+    one = tmp_path / "t1.zarr"
+    collect(CollectConfig(out=one, model=str(tiny_model_dir), dataset=str(tiny_text_dir), ctx_len=32, layers="1",
+                          max_tokens=64, seqs_per_shard=2, chunk_tokens=64, dtype="float32", device="cpu",
+                          progress=False))
+    assert len(ActivationStore(one).committed_chunks()) == 1
+    out = tmp_path / "r"
+    assert err(capsys, "--store", one, "--out", out, "--holdout", 0.0001) == (
+        f"error: store {one} has 1 committed chunk and --holdout 0.0001 holds it out (any fraction above 0 holds out "
+        "at least one whole chunk), leaving none to train on; pass --holdout 0 (no held-out evaluation), or collect "
+        "more tokens or smaller chunks (actcache collect --max-tokens / --chunk-tokens)")
+    assert not out.exists()
+    fit(cfg(one, out, layers="1", holdout=0.0, batch_size=16, max_tokens=16))  # the fix it names works
+
+    two = tmp_path / "t2.zarr"
+    collect(CollectConfig(out=two, model=str(tiny_model_dir), dataset=str(tiny_text_dir), ctx_len=32, layers="1",
+                          max_tokens=128, seqs_per_shard=2, chunk_tokens=64, dtype="float32", device="cpu",
+                          progress=False))
+    assert len(ActivationStore(two).committed_chunks()) == 2
+    assert err(capsys, "--store", two, "--out", tmp_path / "r1", "--holdout", 0.8) == (
+        f"error: store {two} has 2 committed chunks and --holdout 0.8 holds out all of them (it rounds to whole "
+        "chunks), leaving none to train on; pass a --holdout below 0.75, --holdout 0 (no held-out evaluation), or "
+        "collect more tokens or smaller chunks (actcache collect --max-tokens / --chunk-tokens)")
+    fit(cfg(two, tmp_path / "r2", layers="1", holdout=0.7499, batch_size=16, max_tokens=16))
+
+
+def test_non_finite_settings_and_sub_token_micro_batches_are_refused(capsys, store_path, tmp_path):
+    out = tmp_path / "run"
+    base = ["--store", store_path, "--out", out]
+    for name in ("--lr", "--auxk-alpha", "--grad-clip", "--holdout"):
+        for value in ("inf", "nan", "-inf"):
+            assert err(capsys, *base, name, value) == f"error: {name} must be a finite number, got {float(value)}"
+    assert err(capsys, *base, "--micro-acc-steps", 1000, "--batch-size", 256) == (
+        "error: --micro-acc-steps 1000 splits batches of 256 token(s) (--batch-size 256 / (--grad-acc-steps 1 x "
+        "data-parallel ranks 1)) into micro-batches of less than 1 token; use at most 256 or raise --batch-size")
+    assert "--micro-acc-steps 33 splits batches of 32 token(s) (--batch-size 64 / (--grad-acc-steps 2 x" in err(
+        capsys, *base, "--micro-acc-steps", 33, "--batch-size", 64, "--grad-acc-steps", 2)
+    assert not out.exists()
+
+
+def test_sub_token_micro_batches_are_refused_per_data_parallel_rank(store_path, tmp_path, monkeypatch):
+    import saetrain.trainer as trainer
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda: (0, 4))
+    monkeypatch.setattr(trainer, "rank_device", lambda device, rank, world: torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^--micro-acc-steps 17 splits batches of 16 token\(s\) \(--batch-size 64 / "
+                                        r"\(--grad-acc-steps 1 x data-parallel ranks 4\)\)"):
+        fit(cfg(store_path, tmp_path / "run", micro_acc_steps=17))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nothing_is_written_when_the_device_cannot_hold_the_saes(store_path, tmp_path, monkeypatch):
+    """Every check, down to making the SAEs and optimizers on the device, comes before the run folder."""
+    import saetrain.trainer as trainer
+
+    def broken(*a, **k):
+        raise UserError("device cpu cannot hold the SAEs")
+
+    monkeypatch.setattr(trainer.torch.optim, "Adam", broken)
+    with pytest.raises(UserError, match="cannot hold the SAEs"):
+        fit(cfg(store_path, tmp_path / "new", layers="1", max_tokens=64))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    fit(cfg(store_path, run, layers="1", max_tokens=64))
+    before = _tree(run)
+    monkeypatch.setattr(trainer.torch.optim, "Adam", broken)
+    with pytest.raises(UserError, match="cannot hold the SAEs"):
+        fit(cfg(store_path, run, layers="1", max_tokens=64, overwrite=True))
+    assert _tree(run) == before

@@ -21,7 +21,7 @@ def test_actcache_cli():
                     "--model-dtype", "--out", "--overwrite", "--progress", "--resume", "--revision", "--seed",
                     "--seqs-per-shard", "--shard-mb", "--skip-tokens", "--split", "--text-column", "--write-threads"],
         "info": ["--json"],
-        "verify": [],
+        "verify": ["--repair"],
     }
 
 

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -18,6 +22,9 @@ from ..errors import UserError
 FORMAT_NAME = "actcache-store"
 FORMAT_VERSION = 1
 ATTRS_KEY = "actcache"
+# Written into zarr.json first, while the arrays are created; replaced by ATTRS_KEY once they all are.
+CREATING_KEY = "actcache_creating"
+LOCK_FILE = ".writer.lock"
 LAYER_CONVENTION = "layer L = hidden_states[L], the residual stream entering block L (0 = embeddings)"
 
 # Logical dtype -> (dtype stored in zarr, bytes per element). Zarr has no bfloat16.
@@ -77,3 +84,39 @@ def compressors(codec: str) -> list:
     }[codec]
     # A CRC32C per chunk: a corrupted chunk fails loudly when read, not silently.
     return [*chosen, Crc32cCodec()]
+
+
+def store_state(path: Path) -> str:
+    """What `path` is: "missing"; "empty" (a folder with nothing in it but perhaps a writer lock);
+    "store" (an actcache store, its metadata written); "creating" (an actcache store whose creation
+    was interrupted: nothing can be committed in it); "other" (anything else: never deleted)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "other"
+    entries = {p.name for p in path.iterdir()}
+    if entries <= {LOCK_FILE}:
+        return "empty"
+    try:
+        root = json.loads((path / "zarr.json").read_text())
+        attrs = root.get("attributes") or {}
+        group = root.get("node_type") == "group"
+    except (OSError, ValueError, AttributeError):
+        return "other"
+    if ATTRS_KEY in attrs:
+        return "store"
+    if CREATING_KEY in attrs:
+        return "creating"
+    # An older actcache wrote the attributes last, after the arrays: a group without attributes whose
+    # creation was interrupted holds `layers/` and `tokens/`, or nothing but Zarr metadata (no data).
+    if group and not attrs and ((path / "layers").is_dir() and (path / "tokens").is_dir() or _metadata_only(path)):
+        return "creating"
+    return "other"
+
+
+def _metadata_only(path: Path) -> bool:
+    for _, _, files in os.walk(path):
+        if any(f not in ("zarr.json", LOCK_FILE) for f in files):
+            return False
+    return True

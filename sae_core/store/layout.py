@@ -88,6 +88,19 @@ def largest_divisor_at_most(n: int, bound: int) -> int:
     return best
 
 
+def check_layout_options(
+    *, shard_mb: float = 32.0, chunk_mb: float = 2.0, seqs_per_shard: int | None = None, chunk_tokens: int | None = None
+) -> None:
+    """Refuse layout options no store can have (a one-line error naming the option), before any work."""
+    for flag, v in (("--shard-mb", shard_mb), ("--chunk-mb", chunk_mb)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise UserError(f"{flag} must be a positive number of MiB, got {v}")
+    for flag, v, what in (("--seqs-per-shard", seqs_per_shard, "shards from --shard-mb"),
+                          ("--chunk-tokens", chunk_tokens, "chunks from --chunk-mb")):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}; leave it out to size {what}")
+
+
 def plan_layout(
     *,
     num_sequences: int,
@@ -102,19 +115,28 @@ def plan_layout(
 
     Shards of about `shard_mb` per layer (written whole: a crash loses at most one shard of
     work) and chunks of about `chunk_mb` (MB-scale reads, each compressed on its own).
+
+    A shard never holds more sequences than the data has, except with an explicit
+    `chunk_tokens`: then a shard is a whole number of chunks (the sharding codec needs it), so
+    data smaller than one shard gets one shard that is partly beyond the end of the data. The
+    last shard (and its last chunk) may always be partial: readers clip both at `num_tokens`.
     """
+    check_layout_options(shard_mb=shard_mb, chunk_mb=chunk_mb, seqs_per_shard=seqs_per_shard, chunk_tokens=chunk_tokens)
     if num_sequences < 1:
         raise UserError("the dataset yields no complete sequence; lower --ctx-len or add data")
+    # Shards are whole sequences and whole chunks: a multiple of `unit` sequences.
+    unit = 1 if chunk_tokens is None else chunk_tokens // math.gcd(chunk_tokens, ctx_len)
     if seqs_per_shard is None:
-        seqs_per_shard = max(1, round(shard_mb * MiB / (ctx_len * bytes_per_token)))
-    seqs_per_shard = min(seqs_per_shard, num_sequences)
-    shard_tokens = seqs_per_shard * ctx_len
+        auto = max(1, round(shard_mb * MiB / (ctx_len * bytes_per_token)))
+        seqs_per_shard = max(unit, round(auto / unit) * unit)
+    elif seqs_per_shard % unit:
+        raise UserError(
+            f"chunk size {chunk_tokens} tokens does not divide the shard size {seqs_per_shard * ctx_len} tokens "
+            f"({seqs_per_shard} sequences of {ctx_len}); pick a divisor, or --seqs-per-shard a multiple of {unit}"
+        )
+    # No bigger than the data needs (rounded up to whole chunks when the chunk size is given).
+    seqs_per_shard = min(seqs_per_shard, -(-num_sequences // unit) * unit)
     if chunk_tokens is None:
         target = max(1, int(chunk_mb * MiB / bytes_per_token))
-        chunk_tokens = largest_divisor_at_most(shard_tokens, target)
-    elif shard_tokens % chunk_tokens:
-        raise UserError(
-            f"chunk size {chunk_tokens} tokens does not divide the shard size {shard_tokens} tokens "
-            f"({seqs_per_shard} sequences of {ctx_len}); pick a divisor"
-        )
+        chunk_tokens = largest_divisor_at_most(seqs_per_shard * ctx_len, target)
     return StoreLayout(num_sequences, ctx_len, seqs_per_shard, chunk_tokens)

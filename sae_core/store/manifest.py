@@ -35,6 +35,21 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
+def file_problem(root: Path, rel: str, info: dict, *, checksum: bool) -> str | None:
+    """What is wrong with a committed shard file against its manifest entry (None: nothing): missing,
+    a size other than recorded (a cheap check), or, with `checksum`, another CRC32 (reads it all)."""
+    f = root / rel
+    try:
+        size = f.stat().st_size
+    except FileNotFoundError:
+        return f"{rel} is missing"
+    if size != info["bytes"]:
+        return f"{rel} has {size} bytes, manifest says {info['bytes']}"
+    if checksum and file_crc32(f) != info["crc32"]:
+        return f"{rel} fails its checksum"
+    return None
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -66,15 +81,19 @@ class ShardRecord:
 class Manifest:
     shards: dict[int, ShardRecord] = field(default_factory=dict)
     stats: dict[str, RunningStats] = field(default_factory=dict)
+    # Shards that were committed, then failed verification (`actcache verify`, or the size check
+    # of `--resume`) and were uncommitted: shard -> what was wrong. Their statistics stay counted
+    # (a re-collected shard is the same data), so committing one again does not add them twice.
+    recollect: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "shards": {str(i): r.to_json() for i, r in sorted(self.shards.items())},
-                "stats": {k: v.to_json() for k, v in self.stats.items()},
-            },
-            separators=(",", ":"),
-        )
+        d = {
+            "shards": {str(i): r.to_json() for i, r in sorted(self.shards.items())},
+            "stats": {k: v.to_json() for k, v in self.stats.items()},
+        }
+        if self.recollect:
+            d["recollect"] = {str(i): why for i, why in sorted(self.recollect.items())}
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Manifest:
@@ -84,12 +103,13 @@ class Manifest:
                 int(i): ShardRecord(int(i), tuple(r["tokens"]), r["files"]) for i, r in d["shards"].items()
             }
             stats = {k: RunningStats.from_json(v) for k, v in d.get("stats", {}).items()}
+            recollect = {int(i): str(why) for i, why in d.get("recollect", {}).items()}
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(
                 f"{source} is corrupt ({type(e).__name__}: {e}): the record of committed shards is lost; restore it "
                 "from a copy or collect again with --overwrite"
             ) from None
-        return cls(shards, stats)
+        return cls(shards, stats, recollect)
 
     def save(self, root: Path, rank: int | None) -> None:
         atomic_write(root / manifest_name(rank), self.to_json())
@@ -103,7 +123,14 @@ class Manifest:
                 raise UserError("two manifests of this store overlap; run `actcache verify` and re-collect")
             for k, v in other.stats.items():
                 stats[k] = stats[k].merge(v) if k in stats else v
-        return Manifest({**self.shards, **other.shards}, stats)
+        shards = {**self.shards, **other.shards}
+        recollect = {i: why for i, why in {**self.recollect, **other.recollect}.items() if i not in shards}
+        return Manifest(shards, stats, recollect)
+
+    def set_aside(self, bad: dict[int, str]) -> Manifest:
+        """Uncommit the shards in `bad` (shard -> what is wrong) so that `--resume` re-collects them."""
+        shards = {i: r for i, r in self.shards.items() if i not in bad}
+        return Manifest(shards, dict(self.stats), {**self.recollect, **{i: bad[i] for i in bad if i in self.shards}})
 
 
 def manifest_files(root: Path) -> list[Path]:

@@ -18,10 +18,15 @@ from .format import (
     array_path,
     from_storage,
     layer_key,
+    store_state,
 )
 from .layout import StoreLayout
 from .manifest import Manifest, read_manifests
 from .stats import RunningStats
+
+# What to do about a damaged committed shard: verify sets it aside, --resume re-collects it.
+REPAIR_HINT = ("run `actcache verify --repair` on the store (it sets damaged shards aside), then the same "
+               "`actcache collect` command with --resume to re-collect them")
 
 
 class StoreCorruptError(UserError):
@@ -42,6 +47,11 @@ class ActivationStore:
         except Exception as e:  # zarr raises several types for "not a group"
             raise UserError(f"{self.path} is not an actcache store ({type(e).__name__}); check the path") from None
         meta = self.group.attrs.get(ATTRS_KEY)
+        if meta is None and store_state(self.path) == "creating":
+            raise UserError(
+                f"store {self.path} is incomplete: its creation was interrupted, nothing is committed; "
+                f"collect it with the same `actcache collect` command and --resume (or --overwrite)"
+            )
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise UserError(f"{self.path} is a Zarr group but not an actcache store; check the path")
         if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -128,9 +138,11 @@ class ActivationStore:
         st = self.layout.shard_tokens
         missing = [s for s in range(start // st, (stop - 1) // st + 1) if s not in self.manifest.shards]
         if missing:
+            why = self.manifest.recollect.get(missing[0])
             raise UserError(
-                f"tokens [{start}, {stop}) include shard {missing[0]}, which is not committed; "
-                f"finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
+                f"tokens [{start}, {stop}) include shard {missing[0]}, which is not committed"
+                + (f" (set aside by verification: {why})" if why else "")
+                + f"; finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
             )
 
     def _check_files(self, name: str, start: int, stop: int) -> None:
@@ -141,8 +153,7 @@ class ActivationStore:
             for rel in self.manifest.shards[s].files:
                 if rel.startswith(prefix) and not (self.path / rel).is_file():
                     raise StoreCorruptError(
-                        f"store {self.path}: {rel} (shard {s} of {name}) is missing; run `actcache verify` "
-                        "and re-collect the shard"
+                        f"store {self.path}: {rel} (shard {s} of {name}) is missing; {REPAIR_HINT}"
                     )
 
     def _read(self, name: str, start: int, stop: int | None) -> np.ndarray:
@@ -154,7 +165,7 @@ class ActivationStore:
         except Exception as e:
             raise StoreCorruptError(
                 f"store {self.path}: reading {name} tokens [{start}, {stop}) failed ({type(e).__name__}: {e}); "
-                "a chunk is corrupt or missing: run `actcache verify` and re-collect the shard"
+                f"a chunk is corrupt or missing; {REPAIR_HINT}"
             ) from None
 
     def read(self, layer: int | str, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ in shard order. The caller blocks only when `max_pending` shards are already in 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import queue
 import shutil
@@ -23,16 +24,27 @@ import torch
 from ..errors import UserError
 from .format import (
     ATTRS_KEY,
+    CREATING_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOCK_FILE,
     STORAGE_DTYPES,
     array_path,
     compressors,
     shard_file,
+    store_state,
     to_storage,
 )
 from .layout import StoreLayout
-from .manifest import Manifest, ShardRecord, file_crc32, manifest_files, read_manifests
+from .manifest import (
+    Manifest,
+    ShardRecord,
+    atomic_write,
+    file_crc32,
+    file_problem,
+    manifest_files,
+    read_manifests,
+)
 from .stats import RunningStats
 
 # What must match for --resume to continue a store (and the flag that sets each).
@@ -50,11 +62,23 @@ class DiskFullError(UserError):
     pass
 
 
+def _write_root(path: Path, attributes: dict) -> None:
+    """The group's zarr.json, replaced atomically."""
+    atomic_write(path / "zarr.json", json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}))
+
+
 def create_store(path: Path, meta: dict, layout: StoreLayout, arrays: dict[str, int], codec: str) -> None:
-    """Create the group, its metadata and empty arrays (no chunk is written)."""
+    """Create the group, its metadata and empty arrays (no chunk is written) in `path`, an empty folder.
+
+    The group's zarr.json is written first, marked as being created (CREATING_KEY): a crash from
+    then on leaves a folder `--overwrite` and `--resume` recognise as an actcache store in which
+    nothing is committed. The metadata replaces the mark once every array exists.
+    """
     import zarr
 
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_root(path, {CREATING_KEY: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}})
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
     storage = STORAGE_DTYPES[meta["dtype"]]
     for name, d in arrays.items():
         group.create_array(
@@ -75,8 +99,32 @@ def create_store(path: Path, meta: dict, layout: StoreLayout, arrays: dict[str, 
         compressors=compressors(codec),
         fill_value=0,
     )
-    # Metadata last: a store whose creation crashed has no attributes and is not resumable.
-    group.attrs[ATTRS_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta, "layout": layout.to_dict()}
+    # Metadata last: a store whose creation crashed has only the mark and is created afresh.
+    _write_root(path, {ATTRS_KEY: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
+                                   "layout": layout.to_dict()}})
+
+
+def clear_folder(path: Path) -> None:
+    """Delete everything in `path` but the writer lock (held by the caller)."""
+    for p in path.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def damaged_shards(path: Path, manifest: Manifest, *, checksums: bool = False) -> dict[int, str]:
+    """Committed shards whose files are missing or of the wrong size (and, with `checksums`, whose
+    CRC32 differs from the manifest's): shard -> the first problem found."""
+    bad: dict[int, str] = {}
+    for shard, rec in sorted(manifest.shards.items()):
+        for rel, info in sorted(rec.files.items()):
+            if why := file_problem(path, rel, info, checksum=checksums):
+                bad[shard] = why
+                break
+    return bad
 
 
 def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
@@ -134,7 +182,7 @@ def lock_store(path: Path):
     """Hold an exclusive lock on the store for this process's lifetime: one collection at a time."""
     import fcntl
 
-    f = open(path / ".writer.lock", "a")  # noqa: SIM115 - kept open while the process writes
+    f = open(path / LOCK_FILE, "a")  # noqa: SIM115 - kept open while the process writes
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -145,14 +193,7 @@ def lock_store(path: Path):
 
 def is_store(path: Path) -> bool:
     """Whether `path` holds an actcache store (perhaps one whose creation or collection crashed)."""
-    import json
-
-    try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    # A store whose creation crashed has its arrays but not yet its attributes.
-    return ATTRS_KEY in attrs or ((path / "layers").is_dir() and (path / "tokens").is_dir())
+    return store_state(path) in ("store", "creating")
 
 
 def check_writable(path: Path) -> None:
@@ -195,6 +236,7 @@ class ShardWriter:
         max_pending: int = 2,
         fsync: bool = True,
         on_commit: Callable[[int, int], None] | None = None,
+        counted: frozenset[int] = frozenset(),
     ):
         import zarr
 
@@ -205,6 +247,9 @@ class ShardWriter:
         self.manifest = manifest
         self.fsync = fsync
         self.on_commit = on_commit
+        # Shards whose statistics the store already counts (set aside after failing verification):
+        # re-collecting one adds its files, not its statistics again.
+        self.counted = counted | set(manifest.recollect)
         group = zarr.open_group(str(path), mode="r+", zarr_format=3)
         self.arrays = {name: group[array_path(name)] for name in group.attrs[ATTRS_KEY]["arrays"]}
         self.tokens = group["tokens"]
@@ -301,10 +346,11 @@ class ShardWriter:
         for name, fut in futures.items():
             (rel, info), s = fut.result()
             files[rel] = info
-            if s is not None:
+            if s is not None and shard not in self.counted:
                 stats[name] = stats[name].merge(s) if name in stats else s
         shards = {**self.manifest.shards, shard: ShardRecord(shard, (rows.start, rows.stop), files)}
-        new = Manifest(shards, stats)
+        recollect = {i: why for i, why in self.manifest.recollect.items() if i != shard}
+        new = Manifest(shards, stats, recollect)
         new.save(self.path, self.rank)
         self.manifest = new
         if self.on_commit is not None:
