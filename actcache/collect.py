@@ -19,6 +19,7 @@ from sae_core.errors import first_line
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import (
+    LOCK_FILE,
     STORAGE_DTYPES,
     TORCH_DTYPES,
     check_dtype,
@@ -83,14 +84,14 @@ def _validate(cfg: CollectConfig) -> None:
                          chunk_tokens=cfg.chunk_tokens)
     out = Path(cfg.out)
     state = store_state(out)
-    if state != "missing" and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
-    if state == "other" and cfg.overwrite:
-        raise UserError(f"{out} is not an actcache store, and --overwrite replaces only stores; choose another --out")
-    if state == "other" and cfg.resume:
-        raise UserError(f"{out} is not an actcache store, so there is nothing to resume; choose another --out")
+    if state == "other":  # neither --resume nor --overwrite may touch it: no advice to pass them
+        held = sorted(p.name for p in out.iterdir())
+        some = ", ".join(held[:3]) + (f", ... ({len(held)} entries)" if len(held) > 3 else "")
+        raise UserError(f"{out} is not an actcache store (it holds {some}); choose another --out")
+    if state != "missing" and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     check_writable(out)
 
 
@@ -157,7 +158,8 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "first_sequence": skip,
         "num_sequences": int(len(seqs)),
         "packing": (
-            "documents in seeded order, joined by EOS, cut into ctx_len sequences (remainder dropped); "
+            (f"documents ({docs.cut})" if docs.cut else "documents")
+            + " in seeded order, joined by EOS, cut into ctx_len sequences (remainder dropped); "
             f"blocks of {data.shuffle_block(cfg.ctx_len)} sequences in seeded order"
         ),
         "fingerprint": data.fingerprint(seqs),
@@ -171,11 +173,11 @@ def collect(cfg: CollectConfig) -> CollectResult:
         return _collect(cfg)
     except KeyboardInterrupt:  # Ctrl-C: the shards handed over are committed (see _run); say where it stands
         if os.environ.get("RANK", "0") == "0":
-            _report_interrupt(Path(cfg.out))
+            _report_interrupt(Path(cfg.out), cfg.overwrite)
         raise  # the CLI exits with 130
 
 
-def _report_interrupt(out: Path) -> None:
+def _report_interrupt(out: Path, overwrite: bool) -> None:
     from sae_core.store import ActivationStore
 
     state = store_state(out)
@@ -190,7 +192,8 @@ def _report_interrupt(out: Path) -> None:
         where, todo = f"{out} was being created, nothing is committed", "start it"
     else:
         where, todo = f"nothing was written to {out}", "start it"
-    print(f"interrupted: {where}; run the same `actcache collect` command with --resume to {todo}",
+    flag = "--resume instead of --overwrite" if overwrite else "--resume"
+    print(f"interrupted: {where}; run the same `actcache collect` command with {flag} to {todo}",
           file=sys.stderr, flush=True)
 
 
@@ -318,6 +321,9 @@ def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dic
         lock = lock_store(out)
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}; choose another --out") from None
+    if (now := store_state(out)) != state and not (state == "missing" and now == "empty"):
+        lock.close()  # another run wrote it between the look above and the lock
+        raise UserError(f"{out} changed while this run prepared (another collection wrote it); run the command again")
     try:
         if state in ("store", "creating"):  # only now, once everything else is valid
             clear_folder(out)
@@ -326,6 +332,8 @@ def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dic
         lock.close()
         if made:
             shutil.rmtree(out, ignore_errors=True)
+        elif state == "empty":  # leave the folder as empty as it was
+            (out / LOCK_FILE).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UserError(f"cannot create {out}: {e.strerror or e}; choose another --out") from None
         raise

@@ -71,6 +71,8 @@ class Documents:
     """What identifies the content (files with sizes and mtimes, a `datasets` fingerprint); None: unknown."""
     nbytes: int | None = None
     """The data's size on disk, where known: small data is packed afresh each time, not cached."""
+    cut: str | None = None
+    """How files were cut into documents, if any were (part of the store's `packing` description)."""
 
     @classmethod
     def of_texts(cls, id: str, texts: Sequence[str], content_key: str | None = None) -> Documents:
@@ -119,9 +121,12 @@ def _file_documents(source: str, files: list[Path]) -> Documents:
             pieces.extend((f, slice(i, i + 1 < n and i + 1)) for i in range(n))
         else:
             pieces.append((f, None))
+    cut = len(pieces) > len(files)
     return Documents(
         source, len(pieces), lambda idx: [_read_text(*pieces[i]) for i in idx], content_key=_files_key(files),
         nbytes=sum(f.stat().st_size for f in files),
+        cut=f"text files over {TEXT_SPLIT_BYTES} bytes cut at blank lines into documents of ~{TEXT_PIECE_BYTES} bytes"
+        if cut else None,
     )
 
 
@@ -144,7 +149,8 @@ def _read_text(path: Path, piece: slice | None = None) -> str:
             start = _piece_start(f, piece.start * TEXT_PIECE_BYTES)
             end = _piece_start(f, piece.stop * TEXT_PIECE_BYTES) if piece.stop else os.fstat(f.fileno()).st_size
             f.seek(start)
-            return f.read(end - start).decode(errors="replace")
+            text = f.read(end - start).decode(errors="replace")
+            return text.replace("\r\n", "\n").replace("\r", "\n")  # newlines as read_text reads them
     opener = COMPRESSIONS.get(path.suffix.lower())
     if opener is None:
         return path.read_text(errors="replace")
@@ -170,21 +176,20 @@ def _piece_start(f, offset: int) -> int:
 
 def _data_files(folder: Path) -> list[Path]:
     """The data files under a folder, sorted: of a supported kind, not hidden (.git/, .cache/), not
-    dataset metadata; a README beside tables (parquet, JSON, CSV) is their card, not data."""
+    dataset metadata; a README or LICENSE beside other data files describes them, it is not data."""
     files = sorted(
         p for p in folder.rglob("*")
         if p.is_file() and file_kind(p) is not None and p.name not in DATASET_METADATA_FILES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    if any(file_kind(f) != "text" for f in files):
-        files = [f for f in files if not (file_kind(f) == "text" and f.name.lower().startswith("readme"))]
-    return files
+    data = [f for f in files if not f.name.lower().startswith(("readme", "license", "licence"))]
+    return data or files
 
 
 def _split_files(root: Path, files: list[Path], split: str, where: str | None = None) -> list[Path]:
     """The files of `split` in a folder (`where` names it in errors): by split names in their paths
-    (train.jsonl, data/validation/...) when every file has one; else the whole folder is the split
-    "train" (a folder of chapters with one named training.md is one split, not a split of one file)."""
+    (train.jsonl, data/validation/...); with no split names anywhere, the whole folder is the split
+    "train". Files named by a split beside files named by none are refused, not guessed at."""
     where = where or f"folder {root}"
 
     def split_of(f: Path) -> str | None:
@@ -193,12 +198,19 @@ def _split_files(root: Path, files: list[Path], split: str, where: str | None = 
 
     found = {f: split_of(f) for f in files}
     named = sorted({s for s in found.values() if s})
-    unnamed = [f for f, s in found.items() if s is None]
-    if not named or unnamed:
+    if not named:
         if split != "train":
-            why = f"{unnamed[0].relative_to(root)} is named by no split" if named else "no file is named train, validation or test"
-            raise UserError(f"{where} has no splits ({why}): drop --split")
+            raise UserError(f"{where} has no splits (no file is named train, validation or test): drop --split")
         return files
+    if unnamed := [f for f, s in found.items() if s is None]:
+        def some(fs: list[Path]) -> str:
+            return ", ".join(str(f.relative_to(root)) for f in fs[:3]) + (f" and {len(fs) - 3} more" if len(fs) > 3 else "")
+
+        raise UserError(
+            f"{where} mixes files named by a split ({some([f for f, s in found.items() if s])}) with files named by "
+            f"none ({some(unnamed)}); name each file or folder by its split (train, validation, test), or move the "
+            "others out"
+        )
     chosen = [f for f, s in found.items() if s == split]
     if not chosen:
         raise UserError(f"{where} has no files of split {split!r}; it has {', '.join(named)}: pass --split NAME")
@@ -261,26 +273,38 @@ def _datasets():
     return datasets
 
 
-def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, text_column: str):
+def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, text_column: str, online: bool):
     """`datasets.load_dataset` of a Hub id; a dataset with a loading script (which datasets >= 4 no
-    longer runs) is read from its data files instead: those of one format (parquet, then JSON
-    lines, then CSV), of `split` by their names, pinned to the commit they were listed at. Each file
-    is read alone and only its text (or `input_ids`) column kept, since such files often differ in
+    longer runs, and 3.x only with trust_remote_code) is read from its data files instead: those of
+    one format (parquet, then JSON lines, then CSV), of `split` by their names, downloaded into the
+    Hub cache at the commit they were listed at (offline: as the cache holds them). Each file is
+    read alone and only its text (or `input_ids`) column kept, since such files often differ in
     their other columns (the script used to reconcile them)."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
     try:
         return datasets.load_dataset(dataset, config, split=split)
-    except RuntimeError as e:
-        if "Dataset scripts are no longer supported" not in str(e):
+    except Exception as e:
+        scripted = "Dataset scripts are no longer supported" in str(e) or "trust_remote_code" in str(e)
+        snapshot = None
+        if not scripted and not online:  # offline, datasets cannot tell; a cached snapshot with a script can
+            with contextlib.suppress(Exception):
+                snapshot = Path(snapshot_download(dataset, repo_type="dataset", local_files_only=True))
+            scripted = snapshot is not None and (snapshot / f"{dataset.split('/')[-1]}.py").is_file()
+        if not scripted:
             raise
-    from huggingface_hub import HfApi
-
     refuse = f"dataset {dataset!r} has a loading script, which datasets >= 4 no longer runs, and "
     if config is not None:
         raise UserError(refuse + f"its data files do not say which belong to configuration {config!r}; download "
                         "that configuration's files and pass their folder as --dataset")
-    info = HfApi().dataset_info(dataset)
-    files = [Path(s.rfilename) for s in info.siblings or []]
-    files = [f for f in files if f.name not in DATASET_METADATA_FILES]
+    if online:
+        info = HfApi().dataset_info(dataset)
+        names, revision = [s.rfilename for s in info.siblings or []], info.sha
+    else:
+        snapshot = snapshot or Path(snapshot_download(dataset, repo_type="dataset", local_files_only=True))
+        names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+        revision = None
+    files = [Path(n) for n in names if Path(n).name not in DATASET_METADATA_FILES]
     for kind in ("parquet", "json", "csv"):
         of_kind = [f for f in files if file_kind(f) == kind]
         if of_kind:
@@ -290,7 +314,8 @@ def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, te
     chosen = _split_files(Path(), sorted(of_kind), split, where=f"dataset {dataset!r}")
     parts = []
     for f in chosen:
-        part = datasets.load_dataset(kind, data_files=[f"hf://datasets/{dataset}@{info.sha}/{f.as_posix()}"], split="train")
+        local = hf_hub_download(dataset, f.as_posix(), repo_type="dataset", revision=revision)
+        part = datasets.load_dataset(kind, data_files=[local], split="train")
         column = "input_ids" if "input_ids" in part.column_names else text_column
         if column not in part.column_names:
             raise UserError(
@@ -340,7 +365,7 @@ def load_documents(
         online, datasets = True, _datasets()
         try:
             with offline_unless_reachable() as online:
-                ds = _load_hub_dataset(datasets, dataset, config, split, text_column)
+                ds = _load_hub_dataset(datasets, dataset, config, split, text_column, online)
         except UserError:
             raise
         except Exception as e:  # datasets raises many types for "not found / unknown split"

@@ -178,7 +178,7 @@ def load_many_local(
     dtype: torch.dtype | None = None,
     decoder: bool = True,
 ) -> dict[str, Sae]:
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise UserError(f"folder {root} does not exist; pass a folder of SAE folders (e.g. runs/NAME)")
     available = sae_folders(root)

@@ -40,7 +40,7 @@ def fit(
     epochs: int = typer.Option(_default("epochs"), help=_doc["epochs"]),
     seed: int = typer.Option(_default("seed"), help=_doc["seed"]),
     exclude_first_tokens: int = typer.Option(0, help=_doc["exclude_first_tokens"]),
-    exclude_token_ids: str | None = typer.Option(None, metavar="IDS", help=_doc["exclude_token_ids"] + " Comma-separated."),
+    exclude_token_ids: str | None = typer.Option(None, metavar="IDS", help=_doc["exclude_token_ids"] + " Several may follow the flag, or comma-separate."),
     holdout: float = typer.Option(_default("holdout"), help=_doc["holdout"]),
     shuffle_window: int = typer.Option(_default("shuffle_window"), help=_doc["shuffle_window"]),
     save_every: int = typer.Option(_default("save_every"), help=_doc["save_every"]),

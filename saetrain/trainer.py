@@ -240,12 +240,12 @@ def _check_out(cfg: TrainConfig) -> None:
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
         return
-    if not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
     # A crash between creating the folder and renaming config.json in leaves only its temporary file.
     if not is_run(out) and not all(n.startswith(".config.json.tmp") for n in entries):
         held = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
         raise UserError(f"--out {out} is not a saetrain run (it holds {held}); choose another --out")
+    if not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
     if cfg.overwrite and cfg.init_from is not None and o in Path(cfg.init_from).resolve().parents:
         raise UserError(f"--init-from {cfg.init_from} is inside --out {out}, which --overwrite deletes; "
                         "move it or choose another --out")

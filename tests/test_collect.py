@@ -180,10 +180,19 @@ def test_large_text_files_are_cut_into_documents_at_blank_lines(tmp_path, monkey
     counts = [n // 256 for n in sizes.values()]  # the last piece takes the remainder
     assert min(counts) >= 4 and docs.num_docs == sum(counts) + 2 and all(texts)
     a, b, c = (texts[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(3))
-    assert "".join(a) == paragraphs and "".join(b) == one_line and "".join(c) == lines
-    assert all(t.endswith("\n\n") for t in a[:-1]) and all(t.endswith("\r\n") for t in c[:-1])
+    # Newlines read as read_text reads a whole file: \r\n and \r become \n.
+    assert "".join(a) == paragraphs and "".join(b) == one_line and "".join(c) == lines.replace("\r\n", "\n")
+    assert all(t.endswith("\n\n") for t in a[:-1]) and all(t.endswith("\n") for t in c[:-1])
     assert "\ufffd" not in "".join(b) and texts[-2:] == [small, paragraphs]
     assert docs.fetch([3]) == [a[3]]  # a piece reads alone
+    # The store says so: a store of the same files from before they were cut resumes with "another data order".
+    from actcache.collect import prepare
+
+    cfg = CollectConfig(out=tmp_path / "x.zarr", ctx_len=CTX)
+    assert prepare(cfg, docs, byte_tokenizer())[1]["packing"].startswith(
+        "documents (text files over 1000 bytes cut at blank lines into documents of ~256 bytes) in seeded order, ")
+    small = data.load_documents(str(folder / "d.txt"))
+    assert small.cut is None and prepare(cfg, small, byte_tokenizer())[1]["packing"].startswith("documents in seeded")
 
 
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
@@ -203,31 +212,46 @@ def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):
     assert json.loads((store.path / "zarr.json").read_text())["attributes"]["actcache"]["format"] == "actcache-store"
 
 
-def test_folder_datasets_split_by_file_names_only_when_all_have_one(tmp_path):
-    """A folder whose files are all named by split (train.jsonl, data/test/...) is split by them;
-    one where only some are (chapters beside training.md) is one split; hidden files, dataset
-    metadata and the README of a table dataset are not data."""
+def test_folder_datasets_and_their_splits(tmp_path):
+    """A folder is split by the split names of its files (train.txt, data/test/...), or is all "train"
+    when none has one; a mix is refused, not guessed at. Hidden files, dataset metadata and a README
+    or LICENSE beside the data are not data."""
     from actcache import data
     from sae_core import UserError
 
-    chapters = tmp_path / "chapters"
-    for name in ("training.md", "layers.md", "notes.txt"):
-        (chapters / name).parent.mkdir(exist_ok=True)
-        (chapters / name).write_text(f"the text of {name}")
-    docs = data.load_documents(str(chapters))
-    assert sorted(docs.fetch(range(docs.num_docs))) == ["the text of layers.md", "the text of notes.txt",
-                                                        "the text of training.md"]
-    with pytest.raises(UserError, match=rf"^folder {chapters} has no splits \(layers.md is named by no split\): drop --split$"):
+    def folder(name, files):
+        for f, text in files.items():
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text(text)
+        return tmp_path / name
+
+    def texts(path, **kw):
+        docs = data.load_documents(str(path), **kw)
+        return sorted(docs.fetch(range(docs.num_docs)))
+
+    chapters = folder("chapters", {"one.md": "1", "two.md": "2", "notes.txt": "n", "README.md": "r"})
+    assert texts(chapters) == ["1", "2", "n"]
+    with pytest.raises(UserError, match=rf"^folder {chapters} has no splits \(no file is named train, validation or "
+                                        r"test\): drop --split$"):
         data.load_documents(str(chapters), split="test")
+    assert texts(folder("only_readme", {"README.md": "r"})) == ["r"]
+
+    split = folder("split", {"train.txt": "t", "validation.txt": "v", "README.md": "r", "LICENSE.txt": "l",
+                             ".git/x.txt": "g"})
+    assert texts(split) == ["t"] and texts(split, split="validation") == ["v"]
+    mixed = folder("mixed", {"training.md": "t", "layers.md": "l", "store-format.md": "s", "a.md": "a", "b.md": "b"})
+    with pytest.raises(UserError, match=rf"^folder {mixed} mixes files named by a split \(training.md\) with files "
+                                        r"named by none \(a.md, b.md, layers.md and 1 more\); name each file or folder "
+                                        r"by its split \(train, validation, test\), or move the others out$"):
+        data.load_documents(str(mixed))
 
     hub_copy = tmp_path / "hub_copy"
     for name, text in [("train.jsonl", "train row"), ("data/test/part-0.jsonl", "test row"), ("README.md", "card"),
                        ("dataset_infos.json", None), (".cache/huggingface/x.jsonl", "cache")]:
         (hub_copy / name).parent.mkdir(parents=True, exist_ok=True)
         (hub_copy / name).write_text(json.dumps({"text": text, "default": {}}) + "\n" if text else "{}")
-    for split in ("train", "test"):
-        docs = data.load_documents(str(hub_copy), split=split)
-        assert docs.fetch(range(docs.num_docs)) == [f"{split} row"]
+    for name in ("train", "test"):
+        assert texts(hub_copy, split=name) == [f"{name} row"]
 
 
 def test_info_reports_what_the_store_holds(tmp_path, tiny_model_dir, tiny_text_dir, capsys):

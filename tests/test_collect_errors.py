@@ -277,8 +277,9 @@ def test_overwrite_replaces_only_stores(capsys, base, tmp_path):
     precious = tmp_path / "thesis"
     precious.mkdir()
     (precious / "chapter1.txt").write_text("years of work")
-    assert f"{precious} is not an actcache store, and --overwrite replaces only stores" in cli(
-        capsys, *base, "--out", precious, "--overwrite")
+    for flags in ([], ["--overwrite"], ["--resume"]):  # no advice to pass a flag that would be refused too
+        assert cli(capsys, *base, "--out", precious, *flags) == (
+            f"error: {precious} is not an actcache store (it holds chapter1.txt); choose another --out")
     assert (precious / "chapter1.txt").read_text() == "years of work"
     (tmp_path / "afile").write_text("x")
     assert "afile is a file; choose another --out" in cli(capsys, *base, "--out", tmp_path / "afile" / "s.zarr")
@@ -451,9 +452,9 @@ def test_zarr_groups_that_are_not_stores_are_never_replaced(capsys, base, tmp_pa
 
     out = tmp_path / "s.zarr"
     zarr.open_group(str(out), mode="w", zarr_format=3).create_array("x", shape=(4,), dtype="int32")[:] = 7
-    for flag, msg in (("--overwrite", "and --overwrite replaces only stores; choose another --out"),
-                      ("--resume", "so there is nothing to resume; choose another --out")):
-        assert cli(capsys, *base, "--layers", "0", flag) == f"error: {out} is not an actcache store, {msg}"
+    for flag in ("--overwrite", "--resume"):
+        assert cli(capsys, *base, "--layers", "0", flag) == (
+            f"error: {out} is not an actcache store (it holds x, zarr.json); choose another --out")
     assert zarr.open_array(str(out / "x"), mode="r")[:].tolist() == [7] * 4
     assert not (out / ".writer.lock").exists()
 
@@ -463,7 +464,8 @@ def test_a_refused_resume_leaves_nothing_behind(capsys, base, tmp_path, tiny_tex
     shutil.copytree(tiny_text_dir, text)
     files = sorted(p.name for p in text.iterdir())
     assert cli(capsys, *base, "--resume", "--out", text) == (
-        f"error: {text} is not an actcache store, so there is nothing to resume; choose another --out")
+        f"error: {text} is not an actcache store (it holds {', '.join(files[:3])}, ... ({len(files)} entries)); "
+        "choose another --out")
     assert sorted(p.name for p in text.iterdir()) == files
     # An empty folder (perhaps with a lock an older actcache left) is no store yet: both flags start one.
     for flag in ("--overwrite", "--resume"):

@@ -148,10 +148,13 @@ def test_bad_inputs(capsys, store_path, tmp_path):
     shutil.copytree(store_path, empty)
     (empty / "manifest.json").unlink()
     assert "has no committed tokens" in err(capsys, "--store", empty, "--out", out)
-    # An existing run needs --resume or --overwrite.
+    # An existing run needs --resume or --overwrite; a folder that is no run is refused outright.
     out.mkdir()
     (out / "x").write_text("x")
-    assert "already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)
+    assert f"--out {out} is not a saetrain run (it holds x)" in err(capsys, "--store", store_path, "--out", out)
+    (out / "config.json").write_text(json.dumps({k: [] for k in ("store_fingerprint", "layers", "num_latents_per_layer",
+                                                                 "holdout_chunks")}))
+    assert f"{out} already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)
 
 
 def test_data_parallel_with_fewer_chunks_than_ranks_is_refused(store_path, tmp_path, monkeypatch):
@@ -351,8 +354,9 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("x")
-    assert err(capsys, "--store", store_path, "--out", precious, "--overwrite", *base) == (
-        f"error: --out {precious} is not a saetrain run (it holds thesis.txt); choose another --out")
+    for flags in ([], ["--overwrite"]):  # no advice to pass --overwrite, which would be refused too
+        assert err(capsys, "--store", store_path, "--out", precious, *flags, *base) == (
+            f"error: --out {precious} is not a saetrain run (it holds thesis.txt); choose another --out")
     assert (precious / "thesis.txt").read_text() == "x"
     for i in range(4):
         (precious / f"f{i}").write_text("x")

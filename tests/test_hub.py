@@ -517,6 +517,9 @@ def test_dataset_with_a_loading_script_is_read_from_its_data_files(hub: FakeHub,
         load_documents("org/data", text_column="body")
     with pytest.raises(UserError, match=r"^dataset 'org/data' has a loading script, .* configuration 'arxiv'; download"):
         load_documents("org/data", config="arxiv")
+    hub.stop()  # offline, the files downloaded above are read from the Hub cache
+    again = load_documents("org/data")
+    assert sorted(again.fetch(range(again.num_docs))) == sorted(docs.fetch(range(docs.num_docs)))
 
 
 def test_dataset_configurations(hub: FakeHub, tmp_path: Path):

@@ -18,12 +18,36 @@ RECOLLECT_HINT = "run the same `actcache collect` command with --resume to re-co
 
 
 def verify_store(path: str | Path, *, set_aside: bool = False) -> list[str]:
-    """Return a list of problems (empty when the store is sound); with `set_aside`, set bad shards aside."""
-    store = ActivationStore(path)
+    """Return a list of problems (empty when the store is sound); with `set_aside`, set bad shards
+    aside, checking and uncommitting under the writer lock (no collection commits meanwhile)."""
+    if not set_aside:
+        return _report(_problems(ActivationStore(path)))
+    from .writer import consolidate_manifests, lock_store
+
+    try:
+        lock = lock_store(Path(path))
+    except UserError:
+        busy = "not set aside while `actcache collect` writes this store: run `actcache verify --repair` again once it ends"
+        return _report(_problems(ActivationStore(path)), busy)
+    try:
+        bad = _problems(ActivationStore(path))
+        if not bad:
+            return []
+        try:
+            consolidate_manifests(Path(path)).set_aside({s: "; ".join(w) for s, w in bad.items()}).save(Path(path), None)
+        except OSError as e:
+            return _report(bad, f"cannot set the shard aside ({e.strerror or e}): re-collect the store with --overwrite")
+        return _report(bad, f"shard set aside (uncommitted): {RECOLLECT_HINT}")
+    finally:
+        lock.close()
+
+
+def _problems(store: ActivationStore) -> dict[int, list[str]]:
+    """Committed shard -> what is wrong with it (shards without problems left out)."""
     bad: dict[int, list[str]] = {}
     expected_files = [array_path(n) for n in store.layers]
     for shard, rec in sorted(store.manifest.shards.items()):
-        found = bad.setdefault(shard, [])
+        found = []
         rows = store.layout.shard_tokens_range(shard)
         if tuple(rec.tokens) != (rows.start, rows.stop):
             found.append(f"manifest says tokens {rec.tokens}, layout says [{rows.start}, {rows.stop})")
@@ -31,26 +55,10 @@ def verify_store(path: str | Path, *, set_aside: bool = False) -> list[str]:
         found += [f"{rel} is not listed in the manifest" for rel in sorted(wanted - set(rec.files))]
         found += [why for rel, info in sorted(rec.files.items())
                   if (why := file_problem(store.path, rel, info, checksum=True))]
-    bad = {s: whys for s, whys in bad.items() if whys}
-    outcome = _set_aside(store.path, {s: "; ".join(w) for s, w in bad.items()}) if bad and set_aside else None
+        if found:
+            bad[shard] = found
+    return bad
+
+
+def _report(bad: dict[int, list[str]], outcome: str | None = None) -> list[str]:
     return [f"shard {s}: {why}" + (f"; {outcome}" if outcome else "") for s, whys in bad.items() for why in whys]
-
-
-def _set_aside(path: Path, bad: dict[int, str]) -> str:
-    """Uncommit the bad shards under the writer lock; return what was done, for the report."""
-    from .writer import consolidate_manifests, lock_store
-
-    try:
-        lock = lock_store(path)
-    except UserError:
-        return "not set aside while `actcache collect` writes this store: run `actcache verify --repair` again once it ends"
-    except OSError as e:
-        return f"cannot set the shard aside ({e.strerror or e}): re-collect the store with --overwrite"
-    try:
-        manifest = consolidate_manifests(path)
-        manifest.set_aside(bad).save(path, None)
-    except OSError as e:
-        return f"cannot set the shard aside ({e.strerror or e}): re-collect the store with --overwrite"
-    finally:
-        lock.close()
-    return f"shard set aside (uncommitted): {RECOLLECT_HINT}"
