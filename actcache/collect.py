@@ -157,14 +157,21 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "skip_tokens": cfg.skip_tokens,
         "first_sequence": skip,
         "num_sequences": int(len(seqs)),
-        "packing": (
-            (f"documents ({docs.cut})" if docs.cut else "documents")
-            + " in seeded order, joined by EOS, cut into ctx_len sequences (remainder dropped); "
-            f"blocks of {data.shuffle_block(cfg.ctx_len)} sequences in seeded order"
-        ),
+        "packing": _packing(docs, seed, cfg.ctx_len),
         "fingerprint": data.fingerprint(seqs),
     }
     return seqs, meta
+
+
+def _packing(docs: data.Documents, seed: int | None, ctx_len: int) -> str:
+    """How the sequences were made, in words (the store's `data.packing`)."""
+    order = "in dataset order" if seed is None else "in seeded order"
+    if docs.tokenized:
+        how = f"rows of token ids {order}, concatenated as they are (no EOS added; rows of ctx_len kept whole)"
+    else:
+        how = (f"documents ({docs.cut})" if docs.cut else "documents") + f" {order}, joined by EOS"
+    how += ", cut into ctx_len sequences (remainder dropped)"
+    return how if seed is None else how + f"; blocks of {data.shuffle_block(ctx_len)} sequences in seeded order"
 
 
 def collect(cfg: CollectConfig) -> CollectResult:

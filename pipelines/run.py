@@ -130,6 +130,11 @@ def run_rounds(recipe: Recipe) -> int:
         prev = runs / f"round_{r - 1:04d}" if r else None
         fit_res = fit(dataclasses.replace(recipe.train, out=out, init_from=prev, resume=out.exists()))
         if rank == 0:
+            # The round folders go, their metrics stay: metrics/round_N.jsonl (+ .eval.json), one curve in order.
+            (runs / "metrics").mkdir(exist_ok=True)
+            for name, keep in (("metrics.jsonl", f"round_{r:04d}.jsonl"), ("eval.json", f"round_{r:04d}.eval.json")):
+                if (out / name).is_file():
+                    atomic_write(runs / "metrics" / keep, (out / name).read_text())
             atomic_write(progress, json.dumps({"done": r, "latest": str(out)}) + "\n")
             for old in runs.glob("round_*"):  # round r's checkpoint holds everything round r+1 needs
                 if old != out:

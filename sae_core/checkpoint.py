@@ -6,6 +6,7 @@ Loading reads JSON and safetensors only; nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import os
 import re
 from fnmatch import fnmatch
 from pathlib import Path
@@ -24,6 +25,22 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the file mode any other new file gets: safetensors creates
+    its files readable by their owner only (0600), which hides SAEs from a shared machine's users."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_sae(sae: Sae, path: str | Path) -> None:
     if sae.W_dec is None:
         raise UserError("this SAE was loaded with decoder=False, so its checkpoint would lack W_dec; "
@@ -31,7 +48,7 @@ def save_sae(sae: Sae, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
     (path / CFG_NAME).write_text(json.dumps({**sae.cfg.to_dict(), "d_in": sae.d_in}, indent=2) + "\n")
 
 

@@ -43,7 +43,8 @@ def local_folder(name: str | Path) -> Path | None:
         return path
     if path.exists():
         raise UserError(f"{text} is a file, not a folder; pass a folder of SAE folders or a Hub repo id (owner/name)")
-    if text.startswith(("/", ".", "~")) or text.count("/") > 1:
+    # runs/typo: its folder exists here, so a missing local folder rather than a Hub user's repo
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()):
         raise UserError(f"folder {text} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
                         "or a Hub repo id (owner/name)")
     return None

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae_core import Sae
+from sae_core.checkpoint import save_safetensors
 from sae_core.store.manifest import atomic_write
 
 LATEST = "LATEST"
@@ -33,7 +34,7 @@ def save_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer, since_fired: 
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+    save_safetensors(tensors, folder / "optimizer.safetensors")
 
 
 def load_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer) -> torch.Tensor:

@@ -88,12 +88,16 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="Run folder written by `saetrain fit`."),
     store: Path | None = typer.Option(None, help="Store to evaluate on (default: the run's store)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    layers: str | None = typer.Option(None, help="Layers to evaluate, as fit's --layers (among the run's); default all."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto: where the SAEs run."),
 ) -> None:
     """Held-out FVU of a run's SAEs on the chunks the run held out."""
     from sae_core import Sae, UserError
+    from sae_core.models import resolve_device
     from sae_core.store import ActivationStore
 
     from .evaluate import heldout_fvu
+    from .trainer import select_layers
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -101,7 +105,7 @@ def evaluate(
     cfg = json.loads(cfg_path.read_text())
     if not cfg["holdout_chunks"]:
         raise UserError(f"{run_dir} held out no chunks; train with --holdout FRACTION to evaluate")
-    saes = Sae.load_many(run_dir, local=True, layers=cfg["layers"])
+    dev = resolve_device(device)
     st = ActivationStore(store or cfg["store"])
     if (
         st.meta["data"]["fingerprint"] != cfg["store_fingerprint"]
@@ -112,8 +116,12 @@ def evaluate(
             f"{st.path} is not the store {run_dir} was trained on (other data, order or model), so its held-out "
             "chunks mean nothing there; pass that store or a copy of it"
         )
+    chosen = cfg["layers"] if layers is None else select_layers(st, layers)
+    if missing := [n for n in chosen if n not in cfg["layers"]]:
+        raise UserError(f"{run_dir} has no SAE for {', '.join(missing)}; it has {', '.join(cfg['layers'])}: pick --layers among them")
+    saes = Sae.load_many(run_dir, local=True, layers=chosen, device=dev)
     fvu = heldout_fvu(saes, st, cfg["holdout_chunks"], exclude_first_tokens=cfg["exclude_first_tokens"],
-                      exclude_token_ids=cfg["exclude_token_ids"])
+                      exclude_token_ids=cfg["exclude_token_ids"], device=dev)
     typer.echo(json.dumps(fvu, indent=2) if as_json else "\n".join(f"{n}: {v:.4f}" for n, v in fvu.items()))
 
 

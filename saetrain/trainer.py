@@ -303,6 +303,18 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
 
 
 def fit(cfg: TrainConfig) -> FitResult:
+    try:
+        return _fit(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: say what survives (the last checkpoint) and how to go on
+        if os.environ.get("RANK", "0") == "0" and is_run(Path(cfg.out)):
+            last = ckpt.latest(Path(cfg.out))
+            where = f"the last checkpoint is step {last[1]['step']:,}" if last else "no checkpoint was written yet"
+            print(f"interrupted: {where} in {cfg.out}; run the same `saetrain fit` command with --resume"
+                  f"{' instead of --overwrite' if cfg.overwrite else ''} to continue from it", file=sys.stderr, flush=True)
+        raise
+
+
+def _fit(cfg: TrainConfig) -> FitResult:
     t0 = time.perf_counter()
     _validate(cfg)
     store = ActivationStore(cfg.store)
@@ -320,6 +332,10 @@ def fit(cfg: TrainConfig) -> FitResult:
     resolved = resolve_config(cfg, store, layers, world)
     dp = world > 1 and not cfg.distribute_layers
     train_count = len(store.committed_chunks()) - len(resolved["holdout_chunks"])
+    if cfg.holdout and rank == 0 and len(resolved["holdout_chunks"]) > 2 * cfg.holdout * len(store.committed_chunks()):
+        print(f"note: --holdout {cfg.holdout} holds out {len(resolved['holdout_chunks'])} of "
+              f"{len(store.committed_chunks())} chunks (whole chunks, at least one): "
+              f"{len(resolved['holdout_chunks']) / len(store.committed_chunks()):.0%} of the tokens", file=sys.stderr)
     if dp and train_count < world:  # the same on every rank: all stop
         raise UserError(
             f"{store.path} has {train_count} training chunk(s) for {world} data-parallel ranks, and each rank "

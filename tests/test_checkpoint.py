@@ -322,7 +322,9 @@ def test_an_existing_folder_loads_locally_without_local_true(tmp_path, monkeypat
         assert str(e.value) == message
 
 
-@pytest.mark.parametrize("name", ["/no/such/run", "./runs/missing", "../missing", "~/no-such-sae-run-here", "runs/a/b"])
+@pytest.mark.parametrize(
+    "name", ["/no/such/run", "./runs/missing", "../missing", "~/no-such-sae-run-here", "runs/a/b", "runs/typo"]
+)
 def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(tmp_path, monkeypatch, name):
     import sae_core.hub as hub
 
@@ -331,6 +333,7 @@ def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(tmp_path, 
 
     monkeypatch.setattr(hub, "snapshot_download", no_hub)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/typo: a folder of this one, not a Hub user "runs"
     message = (f"folder {name} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
                "or a Hub repo id (owner/name)")
     for call in (lambda: Sae.load_many(name), lambda: Sae.load_many_from_hub(name),
@@ -348,3 +351,17 @@ def test_a_name_that_is_no_repo_id_is_a_user_error(tmp_path, monkeypatch):
     assert str(e.value) == "file.txt is a file, not a folder; pass a folder of SAE folders or a Hub repo id (owner/name)"
     with pytest.raises(UserError, match=r"^'bad name!' is neither a local folder nor a Hub repo id \(HFValidationError: "):
         Sae.load_many("bad name!")
+
+
+def test_saved_files_get_the_usual_file_mode(tmp_path):
+    """safetensors alone writes 0600; SAEs on a shared machine are readable as other new files are."""
+    import os
+    import stat
+
+    from sae_core import Sae, SaeConfig
+
+    Sae(8, SaeConfig(num_latents=16, k=2)).save_to_disk(tmp_path / "sae")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("sae.safetensors", "cfg.json"):
+        assert stat.S_IMODE((tmp_path / "sae" / name).stat().st_mode) == 0o666 & ~mask, name

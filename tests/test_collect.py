@@ -193,6 +193,10 @@ def test_large_text_files_are_cut_into_documents_at_blank_lines(tmp_path, monkey
         "documents (text files over 1000 bytes cut at blank lines into documents of ~256 bytes) in seeded order, ")
     small = data.load_documents(str(folder / "d.txt"))
     assert small.cut is None and prepare(cfg, small, byte_tokenizer())[1]["packing"].startswith("documents in seeded")
+    ids = Documents("ids", 3, lambda idx: [[5] * 40 for _ in idx], tokenized=True)
+    assert prepare(CollectConfig(out=cfg.out, ctx_len=CTX, seed=-1), ids, byte_tokenizer())[1]["packing"] == (
+        "rows of token ids in dataset order, concatenated as they are (no EOS added; rows of ctx_len kept whole), "
+        "cut into ctx_len sequences (remainder dropped)")
 
 
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):

@@ -114,7 +114,11 @@ def test_resume_with_other_settings(capsys, base, store, change, what):
 
 def test_resume_a_store_of_an_older_data_order(capsys, base, store):
     attrs = json.loads((store / "zarr.json").read_text())
-    attrs["attributes"]["actcache"]["data"]["packing"] = "documents joined by EOS, cut into ctx_len sequences"
+    data = attrs["attributes"]["actcache"]["data"]
+    data["packing"] = "documents joined by EOS, cut into ctx_len sequences"
+    (store / "zarr.json").write_text(json.dumps(attrs))
+    main_ok(*base, "--layers", "0,2", "--resume")  # the same tokens (fingerprint) described in other words: resumes
+    data["fingerprint"] = "0" * 64  # another order: other tokens
     (store / "zarr.json").write_text(json.dumps(attrs))
     err = cli(capsys, *base, "--layers", "0,2", "--resume")
     assert err == (f"error: cannot resume {store}: an older actcache wrote it with another data order "

@@ -330,11 +330,18 @@ def test_layers_by_name_and_pattern(store_path, tmp_path):
 
 def test_evaluate_cli(capsys, store_path, tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):
     out = tmp_path / "run"
-    res = fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, holdout=0.1))
+    res = fit(cfg(store_path, out, layers="1,2", max_tokens=3 * 64, holdout=0.1))
     monkeypatch.chdir(tmp_path)  # the run records its store's absolute path
     with pytest.raises(SystemExit) as e:
         main(["evaluate", str(out), "--json"])
     assert e.value.code == 0 and json.loads(capsys.readouterr().out) == pytest.approx(res.heldout_fvu)
+    with pytest.raises(SystemExit) as e:  # one layer, on the device asked for
+        main(["evaluate", str(out), "--json", "--layers", "2", "--device", "cpu"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out) == pytest.approx({"layer_2": res.heldout_fvu["layer_2"]})
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(out), "--layers", "3"])
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out} has no SAE for layer_3; it has layer_1, layer_2: pick --layers among them")
     other = tmp_path / "other.zarr"  # the same model and text, another order: its chunk numbers mean other tokens
     collect(CollectConfig(out=other, model=str(tiny_model_dir), dataset=str(tiny_text_dir), ctx_len=32, seed=7,
                           layers="1", dtype="float32", device="cpu", progress=False))
@@ -470,3 +477,34 @@ def test_nothing_is_written_when_the_device_cannot_hold_the_saes(store_path, tmp
     with pytest.raises(UserError, match="cannot hold the SAEs"):
         fit(cfg(store_path, run, layers="1", max_tokens=64, overwrite=True))
     assert _tree(run) == before
+
+
+def test_ctrl_c_names_the_last_checkpoint(store_path, tmp_path, monkeypatch, capsys):
+    """An interrupt after a checkpoint: the error names its step and the way on (--resume), and
+    --resume then finishes the run."""
+    from saetrain import checkpoint as ckpt
+
+    real_publish, published = ckpt.publish, []
+
+    def publish_then_interrupt(root, step):
+        real_publish(root, step)
+        published.append(step)
+        if len(published) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "publish", publish_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg(store_path, out, layers="1", max_tokens=64 * 6, save_every=2))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the last checkpoint is step 4 in {out}; run the same `saetrain fit` command with --resume "
+        "to continue from it")
+    monkeypatch.setattr(ckpt, "publish", real_publish)
+    assert fit(cfg(store_path, out, layers="1", max_tokens=64 * 6, save_every=2, resume=True)).steps == 6
+
+
+def test_a_holdout_rounded_up_to_a_whole_chunk_is_noted(store_path, tmp_path, capsys):
+    chunks = len(ActivationStore(store_path).committed_chunks())
+    fit(cfg(store_path, tmp_path / "run", layers="1", max_tokens=64, holdout=0.001))
+    assert (f"note: --holdout 0.001 holds out 1 of {chunks} chunks (whole chunks, at least one): {1 / chunks:.0%} of "
+            "the tokens") in capsys.readouterr().err

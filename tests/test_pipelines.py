@@ -76,6 +76,11 @@ def test_rounds_train_on_consecutive_windows(single, tiny_model_dir, tiny_text_d
     # Round 2 starts after the 12 + 12 sequences (6 + 6 steps of 64 tokens) of rounds 0 and 1.
     assert config["init_from"] == {"run": str(runs / "round_0001"), "step": 12, "tokens": 768}
     assert steps[0] == 13 and steps[-1] == 13 + 4  # the last window holds 9 sequences: 4 full steps + 1 partial
+    # Every round's metrics outlive its folder: one learning curve, steps 1..17 once each.
+    kept = sorted(p.name for p in (runs / "metrics").iterdir())
+    assert kept == [f"round_000{r}.jsonl" for r in range(3)]  # (and .eval.json where a round holds out chunks)
+    curve = [json.loads(ln) for r in range(3) for ln in (runs / "metrics" / f"round_000{r}.jsonl").read_text().splitlines()]
+    assert sorted({m["step"] for m in curve}) == list(range(1, 18))
     assert run.main([recipe_file(root, tiny_model_dir, tiny_text_dir)]) == 0  # a rerun: nothing left to do
     assert "stopping after 3 round(s)" in capsys.readouterr().out
 

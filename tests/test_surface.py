@@ -32,7 +32,7 @@ def test_saetrain_cli():
                 "--grad-clip", "--holdout", "--init-from", "--k", "--layers", "--lr", "--lr-warmup-steps", "--max-tokens",
                 "--micro-acc-steps", "--multi-topk", "--num-latents", "--out", "--overwrite", "--progress",
                 "--read-threads", "--resume", "--save-every", "--seed", "--shuffle-window", "--store", "--wandb"],
-        "evaluate": ["--json", "--store"],
+        "evaluate": ["--device", "--json", "--layers", "--store"],
     }
 
 
