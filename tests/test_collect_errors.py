@@ -105,7 +105,8 @@ def test_existing_store_needs_resume_or_overwrite(capsys, base, store):
 @pytest.mark.parametrize(
     "change, what",
     [(["--layers", "0,3"], "arrays.layer_2 differs (store: {'d': 16, 'layer': 2}, now: None)"), (["--layers", "0,2", "--dtype", "float32"], "dtype differs"),
-     (["--layers", "0,2", "--ctx-len", "16"], "ctx_len differs"), (["--layers", "0,2", "--seed", "5"], "data.seed differs (store: 0, now: 5)")],
+     (["--layers", "0,2", "--ctx-len", "16"], "ctx_len differs"), (["--layers", "0,2", "--seed", "5"], "data.seed differs (store: 0, now: 5)"),
+     (["--layers", "0,2", "--seed", "-1"], "data.seed differs (store: 0, now: None)")],  # not "another data order"
 )
 def test_resume_with_other_settings(capsys, base, store, change, what):
     err = cli(capsys, *base, *change, "--resume")

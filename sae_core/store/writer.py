@@ -145,10 +145,10 @@ def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
             a, b = ({k: v for k, v in d.items() if k != "packing"} for d in (a, b))  # same data: only the words differ
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):  # name the entry that differs, not the whole dict
-                # the setting that differs before the fingerprint that follows from it; an entry
-                # missing from an older store equals None (a setting added since, left unset)
-                sub = next((k for k in sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", str(k)))
-                            if a.get(k) != b.get(k)), None)
+                # the setting that differs before the description and fingerprint that follow from it;
+                # an entry missing from an older store equals None (a setting added since, left unset)
+                order = sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", k == "packing", str(k)))
+                sub = next((k for k in order if a.get(k) != b.get(k)), None)
                 if sub is None:
                     continue
                 key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
