@@ -307,7 +307,10 @@ def fit(cfg: TrainConfig) -> FitResult:
         return _fit(cfg)
     except KeyboardInterrupt:  # Ctrl-C: say what survives (the last checkpoint) and how to go on
         if os.environ.get("RANK", "0") == "0" and is_run(Path(cfg.out)):
-            last = ckpt.latest(Path(cfg.out))
+            try:
+                last = ckpt.latest(Path(cfg.out))
+            except (OSError, ValueError):  # the report must not hide the interrupt
+                last = None
             where = f"the last checkpoint is step {last[1]['step']:,}" if last else "no checkpoint was written yet"
             print(f"interrupted: {where} in {cfg.out}; run the same `saetrain fit` command with --resume"
                   f"{' instead of --overwrite' if cfg.overwrite else ''} to continue from it", file=sys.stderr, flush=True)
