@@ -48,7 +48,8 @@ from sae_core import SaeConfig
 from sae_core.store import ActivationStore
 from saetrain.config import TrainConfig
 from saetrain.loader import StoreLoader
-from saetrain.trainer import LayerTrainer, default_lr, geometric_median, select_layers
+from saetrain.settings import default_lr, select_layers
+from saetrain.trainer import LayerTrainer, geometric_median
 
 EAI_HELPER = Path(__file__).with_name("_eai_step.py")
 

@@ -97,7 +97,7 @@ def evaluate(
     from sae_core.store import ActivationStore
 
     from .evaluate import heldout_fvu
-    from .trainer import select_layers
+    from .settings import select_layers
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():

@@ -7,8 +7,6 @@ see the same batches. Under torchrun, `--distribute-layers` splits the layers be
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +14,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -31,16 +28,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .evaluate import heldout_fvu
 from .loader import StoreLoader
-from .order import split_holdout
 from .plan import plan_layers
-
-# Settings that define the training trajectory: --resume refuses if any differs.
-# (--micro-acc-steps may change: it splits a batch without changing the step.)
-RESUME_KEYS = (
-    "store_fingerprint", "layers", "k", "num_latents_per_layer", "normalize_decoder", "multi_topk", "batch_size",
-    "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "grad_clip", "seed",
-    "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world", "init_from",
-)
+from .settings import RESUME_KEYS, is_run, resolve_config, select_layers, validate
 
 
 @dataclass
@@ -64,48 +53,6 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-5) -> tor
             return y_new
         y = y_new
     return y
-
-
-def default_lr(num_latents: int) -> float:
-    """2e-4 at 2**14 latents, scaled by 1/sqrt(num_latents)."""
-    return 2e-4 / math.sqrt(num_latents / 2**14)
-
-
-def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
-    """The store arrays `--layers` names, in the store's order: layer numbers and ranges (as
-    actcache's), array names (`layer_3`, `model.layers.3.mlp`) and fnmatch patterns of them."""
-    from sae_core import parse_layers
-
-    if spec is None or spec.strip().lower() in ("all", "*"):
-        return store.layers
-    if store.layer_ids is not None and spec.strip().lower().startswith("all"):  # all:2
-        ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
-        return [f"layer_{i}" for i in ids]
-    items = [s for s in (s.strip() for s in spec.split(",")) if s]
-    if not items:  # "" or ",": as parse_layers refuses it
-        raise UserError(f"--layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
-                        f"'0-29:2', 'all' or names of the store's arrays ({', '.join(store.layers)})")
-    wanted: set[str] = set()
-    numbers = []
-    for item in items:
-        if item in store.layers:
-            wanted.add(item)
-        elif any(c in item for c in "*?["):
-            matched = [n for n in store.layers if fnmatch(n, item)]
-            if not matched:
-                raise UserError(f"--layers {item!r} matches none of the layers of {store.path}: {', '.join(store.layers)}")
-            wanted.update(matched)
-        else:
-            numbers.append(item)
-    if numbers:
-        if store.layer_ids is None:
-            store.resolve(numbers[0])  # names the store's arrays
-        ids = parse_layers(",".join(numbers), 1 << 20)
-        missing = [i for i in ids if i not in store.layer_ids]
-        if missing:
-            raise UserError(f"store {store.path} has no layer {missing[0]}; it has layers {store.layer_ids}")
-        wanted.update(f"layer_{i}" for i in ids)
-    return [n for n in store.layers if n in wanted]
 
 
 # The losses of Sae.forward that are logged per step (fields of its ForwardOutput).
@@ -180,128 +127,6 @@ class LayerTrainer:
         return metrics
 
 
-def _validate(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_acc_steps", "micro_acc_steps", "epochs", "k", "expansion_factor", "read_threads",
-                 "shuffle_window"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("lr", "auxk_alpha", "grad_clip", "holdout"):
-        value = getattr(cfg, name)
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_latents", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "exclude_first_tokens",
-                 "save_every", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr} (leave it out for the default scaling law)")
-    bad_ids = [i for i in cfg.exclude_token_ids if not 0 <= i < 2**31]
-    if bad_ids:
-        raise UserError(f"--exclude-token-ids takes token ids (0 to 2**31 - 1), got {bad_ids[0]}")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
-    if not 0 <= cfg.holdout < 1:
-        raise UserError(f"--holdout must be a fraction in [0, 1), got {cfg.holdout}")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("pass either --resume or --overwrite, not both")
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
-    _check_out(cfg)
-
-
-# What `saetrain fit` writes into config.json (besides the settings): how a run folder is recognised.
-RUN_KEYS = ("store_fingerprint", "layers", "num_latents_per_layer", "holdout_chunks")
-
-
-def is_run(folder: Path) -> bool:
-    """Whether `folder` is a run written by `saetrain fit` (its config.json holds saetrain's keys)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and all(k in config for k in RUN_KEYS)
-
-
-def _check_out(cfg: TrainConfig) -> None:
-    """Refuse a run folder that would destroy or mix with other data, before anything is deleted or written.
-
-    `--overwrite` (and `--resume`) take only an empty folder or a saetrain run; the store is never
-    the run folder, inside it or around it.
-    """
-    out, store = Path(cfg.out), Path(cfg.store)
-    o, s = out.resolve(), store.resolve()
-    if o == s or o in s.parents or s in o.parents:
-        how = "is" if o == s else "contains" if o in s.parents else "is inside"
-        raise UserError(f"--out {out} {how} the store {store}; choose an --out outside the store (e.g. runs/NAME)")
-    if out.is_symlink() and (cfg.overwrite or not out.exists()):
-        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the folder itself")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the run")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries:
-        return
-    # A crash between creating the folder and renaming config.json in leaves only its temporary file.
-    if not is_run(out) and not all(n.startswith(".config.json.tmp") for n in entries):
-        held = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
-        raise UserError(f"--out {out} is not a saetrain run (it holds {held}); choose another --out")
-    if not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
-    if cfg.overwrite and cfg.init_from is not None and o in Path(cfg.init_from).resolve().parents:
-        raise UserError(f"--init-from {cfg.init_from} is inside --out {out}, which --overwrite deletes; "
-                        "move it or choose another --out")
-
-
-def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], world: int) -> dict:
-    dp_world = 1 if cfg.distribute_layers else world
-    if cfg.batch_size % (cfg.grad_acc_steps * dp_world):
-        raise UserError(
-            f"--batch-size {cfg.batch_size} must be divisible by --grad-acc-steps x data-parallel ranks "
-            f"({cfg.grad_acc_steps} x {dp_world})"
-        )
-    loader_batch = cfg.batch_size // (cfg.grad_acc_steps * dp_world)
-    if cfg.micro_acc_steps > loader_batch:
-        raise UserError(
-            f"--micro-acc-steps {cfg.micro_acc_steps} splits batches of {loader_batch} token(s) (--batch-size "
-            f"{cfg.batch_size} / (--grad-acc-steps {cfg.grad_acc_steps} x data-parallel ranks {dp_world})) into "
-            f"micro-batches of less than 1 token; use at most {loader_batch} or raise --batch-size"
-        )
-    d_in = {n: store.d(n) for n in layers}
-    num_latents = {n: cfg.num_latents or d * cfg.expansion_factor for n, d in d_in.items()}
-    for n, m in num_latents.items():
-        if cfg.k > m:
-            raise UserError(f"--k {cfg.k} is larger than the number of latents of {n} ({m}); lower --k or raise --expansion-factor")
-    train, hold = split_holdout(store.committed_chunks(), cfg.holdout, cfg.seed)
-    if not train:
-        n = len(hold)
-        held = (f"1 committed chunk and --holdout {cfg.holdout} holds it out (any fraction above 0 holds out at "
-                "least one whole chunk)" if n == 1 else
-                f"{n} committed chunks and --holdout {cfg.holdout} holds out all of them (it rounds to whole chunks)")
-        lower = "" if n == 1 else f"a --holdout below {math.floor((n - 0.5) / n * 1e4) / 1e4:g}, "
-        raise UserError(
-            f"store {store.path} has {held}, leaving none to train on; pass {lower}--holdout 0 (no held-out "
-            "evaluation), or collect more tokens or smaller chunks (actcache collect --max-tokens / --chunk-tokens)"
-        )
-    lrs = {n: cfg.lr or default_lr(m) for n, m in num_latents.items()}
-    return {
-        **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "store": str(Path(cfg.store).resolve()),  # `saetrain evaluate` finds it from any working directory
-        "layers": layers,
-        "store_fingerprint": store.meta["data"]["fingerprint"],
-        "store_model": store.meta.get("model", {}).get("id"),
-        "store_tokens": store.num_tokens,
-        "store_chunk_tokens": store.layout.chunk_tokens,  # what the held-out chunk numbers count in
-        "d_in": d_in,
-        "num_latents_per_layer": num_latents,
-        "lr": cfg.lr,
-        "lr_per_layer": lrs,
-        "holdout_chunks": hold,
-        "train_chunks": len(train),
-        "world": world,
-        "data_parallel_world": dp_world,
-        "loader_batch": loader_batch,
-    }
-
-
 def fit(cfg: TrainConfig) -> FitResult:
     try:
         return _fit(cfg)
@@ -319,7 +144,7 @@ def fit(cfg: TrainConfig) -> FitResult:
 
 def _fit(cfg: TrainConfig) -> FitResult:
     t0 = time.perf_counter()
-    _validate(cfg)
+    validate(cfg)
     store = ActivationStore(cfg.store)
     if store.num_tokens == 0:
         raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")

@@ -320,7 +320,7 @@ def test_more_bad_inputs(capsys, store_path, tmp_path):
 
 def test_layers_by_name_and_pattern(store_path, tmp_path):
     store = ActivationStore(store_path)
-    from saetrain.trainer import select_layers
+    from saetrain.settings import select_layers
 
     assert select_layers(store, "layer_2,1") == ["layer_1", "layer_2"]
     assert select_layers(store, "layer_[02]") == ["layer_0", "layer_2"]
