@@ -15,7 +15,7 @@ import torch
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
 from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
-from sae_core.errors import first_line
+from sae_core.errors import first_line, folder_contents
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
 from sae_core.store.format import (
@@ -87,9 +87,8 @@ def _validate(cfg: CollectConfig) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if state == "other":  # neither --resume nor --overwrite may touch it: no advice to pass them
-        held = sorted(p.name for p in out.iterdir())
-        some = ", ".join(held[:3]) + (f", ... ({len(held)} entries)" if len(held) > 3 else "")
-        raise UserError(f"{out} is not an actcache store (it holds {some}); choose another --out")
+        held = folder_contents(sorted(p.name for p in out.iterdir()))
+        raise UserError(f"{out} is not an actcache store (it holds {held}); choose another --out")
     if state != "missing" and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     check_writable(out)

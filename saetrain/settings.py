@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from sae_core import UserError
+from sae_core.errors import folder_contents
 from sae_core.store import ActivationStore
 
 from .config import TrainConfig
@@ -129,8 +130,7 @@ def check_out(cfg: TrainConfig) -> None:
         return
     # A crash between creating the folder and renaming config.json in leaves only its temporary file.
     if not is_run(out) and not all(n.startswith(".config.json.tmp") for n in entries):
-        held = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
-        raise UserError(f"--out {out} is not a saetrain run (it holds {held}); choose another --out")
+        raise UserError(f"--out {out} is not a saetrain run (it holds {folder_contents(entries)}); choose another --out")
     if not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
     if cfg.overwrite and cfg.init_from is not None and o in Path(cfg.init_from).resolve().parents:
