@@ -3,8 +3,8 @@
 The order of a collection is a pure function of the data, the tokenizer, `ctx_len` and the seed:
 
 1. the documents in a seeded order (a permutation of their positions). A document is a row of a
-   table or a text file; an uncompressed text file over 1 MiB is cut at blank lines into
-   documents of about 256 KiB, read only when needed (a compressed one is read whole);
+   table or a text file; a text file over 1 MiB is cut at blank lines into documents of about
+   256 KiB, read only when needed (a compressed one is first decompressed into the cache);
 2. tokenized whole and joined with the EOS token in that order, then cut into `ctx_len`
    sequences (the remainder is dropped): a sequence may span a document boundary, never a
    line-by-line split. A pre-tokenized dataset (`input_ids` column) is used as it is;
@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,9 +47,9 @@ from sae_core.store.manifest import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# Compressed files are read through these (datasets decompresses its formats the same way).
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
-SUPPORTED = ".txt, .md, .jsonl, .json, .parquet or .csv (optionally .gz, .bz2 or .xz)"
+# Compressed files are read through these modules (datasets decompresses its formats the same way).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+SUPPORTED = ".txt, .md, .jsonl, .json, .parquet or .csv (optionally .gz, .bz2, .xz or .zst)"
 # Files of a dataset repo that describe the data rather than hold it.
 DATASET_METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
 # File and folder names that put a file in a split, as `datasets` recognises them.
@@ -80,8 +81,9 @@ class Documents:
 
 
 # Bumped whenever packing changes what it produces, so that older cache entries are not used.
-PACK_VERSION = 3
-# Uncompressed text files larger than this are cut into documents of about TEXT_PIECE_BYTES.
+PACK_VERSION = 4
+# Text files larger than this are cut into documents of about TEXT_PIECE_BYTES; a compressed file
+# larger than this is first decompressed into `$SAE_CORE_CACHE/text/` (a smaller one is read whole).
 TEXT_SPLIT_BYTES = 1 << 20
 TEXT_PIECE_BYTES = 1 << 18
 # Data smaller than this (about 4M tokens of text) packs in seconds: it is not cached.
@@ -110,15 +112,17 @@ def _embedded() -> Documents:
 
 
 def _file_documents(source: str, files: list[Path]) -> Documents:
-    """One document per text file, except that an uncompressed file over TEXT_SPLIT_BYTES is cut into
-    pieces of about TEXT_PIECE_BYTES at blank lines, each a document: a window of a huge file reads
-    only the pieces it needs, and the pieces are shuffled like documents."""
+    """One document per text file, except that a file over TEXT_SPLIT_BYTES is cut into pieces of about
+    TEXT_PIECE_BYTES at blank lines, each a document: a window of a huge file reads only the pieces it
+    needs, and the pieces are shuffled like documents. A compressed file over TEXT_SPLIT_BYTES is cut
+    the same way once decompressed into the cache."""
     pieces = []
     for f in files:
         size = f.stat().st_size
-        if size > TEXT_SPLIT_BYTES and f.suffix.lower() not in COMPRESSIONS:
-            n = size // TEXT_PIECE_BYTES  # the last piece takes the remainder
-            pieces.extend((f, slice(i, i + 1 < n and i + 1)) for i in range(n))
+        if size > TEXT_SPLIT_BYTES:
+            text = _decompressed(f) if f.suffix.lower() in COMPRESSIONS else f
+            n = max(1, text.stat().st_size // TEXT_PIECE_BYTES)  # the last piece takes the remainder
+            pieces.extend((text, slice(i, i + 1 < n and i + 1)) for i in range(n))
         else:
             pieces.append((f, None))
     cut = len(pieces) > len(files)
@@ -128,6 +132,73 @@ def _file_documents(source: str, files: list[Path]) -> Documents:
         cut=f"text files over {TEXT_SPLIT_BYTES} bytes cut at blank lines into documents of ~{TEXT_PIECE_BYTES} bytes"
         if cut else None,
     )
+
+
+def _decompress(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of `path`, a piece at a time; a damaged file (truncated, or not of its
+    suffix's compression) raises a one-line UserError."""
+    import importlib
+
+    name = COMPRESSIONS[path.suffix.lower()]
+    try:
+        module = importlib.import_module(name)
+    except ImportError:  # zstandard, on an install from before it was a dependency
+        raise UserError(f"reading {path} needs the Python package {name}: pip install {name}") from None
+    with _decompressing(path), open(path, "rb") as f:
+        if name != "zstandard":
+            with module.open(f, "rb") as src:
+                yield from iter(lambda: src.read(1 << 20), b"")
+            return
+        # python-zstandard's readers end a truncated file without an error: check each frame's end.
+        frame, rest = None, b""
+        while chunk := rest or f.read(1 << 20):
+            frame, rest = frame or module.ZstdDecompressor().decompressobj(), b""
+            yield frame.decompress(chunk)
+            if frame.eof:
+                frame, rest = None, frame.unused_data
+        if frame is not None:
+            raise EOFError("the file ends inside a zstd frame")
+
+
+@contextlib.contextmanager
+def _decompressing(path: Path):
+    """Errors of a damaged compressed file (truncated, or not of its suffix's compression) as one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gzip, bz2, lzma and zstandard each raise their own
+        if isinstance(e, OSError) and e.errno is not None:  # the disk, not the data
+            raise
+        raise UserError(
+            f"cannot decompress {path} ({first_line(e) or type(e).__name__}); check the file or decompress it yourself"
+        ) from None
+
+
+def _decompressed(path: Path) -> Path:
+    """The decompressed copy of `path` in `$SAE_CORE_CACHE/text/`, made on first use (one process at a
+    time; the others wait, then read it), keyed like the packed cache by path, size and mtime. Making
+    one deletes the copies unused for CACHE_MAX_AGE_DAYS."""
+    cache = cache_dir() / "text"
+    out = cache / (hashlib.sha256(_files_key([path]).encode()).hexdigest()[:32] + ".txt")
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        _prune(cache)
+        with open(out.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.is_file():
+                tmp = out.with_suffix(".partial")
+                print(f"note: decompressing {path} into {cache} (once: later runs read the copy)", file=sys.stderr)
+                try:
+                    with open(tmp, "wb") as dst:
+                        for chunk in _decompress(path):
+                            dst.write(chunk)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                os.replace(tmp, out)
+    os.utime(out)  # last used: now
+    return out
 
 
 def file_kind(path: Path) -> str | None:
@@ -149,15 +220,15 @@ def _read_text(path: Path, piece: slice | None = None) -> str:
             start = _piece_start(f, piece.start * TEXT_PIECE_BYTES)
             end = _piece_start(f, piece.stop * TEXT_PIECE_BYTES) if piece.stop else os.fstat(f.fileno()).st_size
             f.seek(start)
-            text = f.read(end - start).decode(errors="replace")
-            return text.replace("\r\n", "\n").replace("\r", "\n")  # newlines as read_text reads them
-    opener = COMPRESSIONS.get(path.suffix.lower())
-    if opener is None:
+            return _decode(f.read(end - start))
+    if path.suffix.lower() not in COMPRESSIONS:
         return path.read_text(errors="replace")
-    import importlib
+    return _decode(b"".join(_decompress(path)))
 
-    with importlib.import_module(opener).open(path, "rt", errors="replace") as f:
-        return f.read()
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text with newlines as `Path.read_text` reads them (\\r\\n and \\r become \\n)."""
+    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _piece_start(f, offset: int) -> int:
@@ -530,11 +601,16 @@ def _cached_prefix(path: Path, docs: Documents, tokenizer, ctx_len: int, seed, n
 
 
 def _prune(cache: Path) -> None:
+    """Delete the entries (folders, or files with their lock) of `cache` unused for CACHE_MAX_AGE_DAYS."""
     cutoff = time.time() - CACHE_MAX_AGE_DAYS * 86400
     for entry in cache.glob("*"):
         with contextlib.suppress(OSError):
-            if entry.is_dir() and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry)
+            if entry.suffix != ".lock" and entry.stat().st_mtime < cutoff:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                    entry.with_suffix(".lock").unlink(missing_ok=True)
 
 
 def _cache_path(docs: Documents, tokenizer, ctx_len: int, seed: int | None) -> Path | None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from actcache import CollectConfig, collect
 from actcache.data import Documents, pack
+from sae_core import UserError
 from sae_core.store import ActivationStore, verify_store
 from tests.conftest import TINY_TEXT, byte_tokenizer
 
@@ -197,6 +198,52 @@ def test_large_text_files_are_cut_into_documents_at_blank_lines(tmp_path, monkey
     assert prepare(CollectConfig(out=cfg.out, ctx_len=CTX, seed=-1), ids, byte_tokenizer())[1]["packing"] == (
         "rows of token ids in dataset order, concatenated as they are (no EOS added; rows of ctx_len kept whole), "
         "cut into ctx_len sequences (remainder dropped)")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_large_compressed_text_is_decompressed_once_then_cut(tmp_path, monkeypatch, capsys, suffix):
+    """A compressed text file over TEXT_SPLIT_BYTES is decompressed into the cache once and cut into
+    the same documents as its uncompressed copy; a damaged one is a one-line error."""
+    import importlib
+    import random
+
+    from actcache import data
+
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "TEXT_SPLIT_BYTES", 1000)
+    monkeypatch.setattr(data, "TEXT_PIECE_BYTES", 256)
+    rng = random.Random(0)  # random words: compressed, still over 1000 bytes
+    text = "".join(" ".join(f"w{rng.randrange(10**6)}" for _ in range(8)) + ".\n\n" for _ in range(60))
+    plain, packed = tmp_path / "plain" / "a.txt", tmp_path / "packed" / f"a.txt{suffix}"
+    for f in (plain, packed):
+        f.parent.mkdir()
+    plain.write_text(text)
+    writer = importlib.import_module(data.COMPRESSIONS[suffix])
+    with writer.open(packed, "wb") as f:
+        f.write(text.encode())
+    assert packed.stat().st_size > 1000
+    expected = data.load_documents(str(plain))
+    docs = data.load_documents(str(packed))
+    assert docs.num_docs == expected.num_docs > 1 and docs.cut == expected.cut
+    assert docs.fetch(range(docs.num_docs)) == expected.fetch(range(expected.num_docs))
+    assert "note: decompressing" in capsys.readouterr().err
+    copies = list((tmp_path / "cache" / "text").glob("*.txt"))
+    assert len(copies) == 1 and copies[0].read_text() == text
+    data.load_documents(str(packed))  # the copy is reused
+    assert capsys.readouterr().err == ""
+    # Truncated: nothing is left behind in the cache, and the error is one line.
+    damaged = tmp_path / "damaged" / f"b.txt{suffix}"
+    damaged.parent.mkdir()
+    damaged.write_bytes(packed.read_bytes()[: packed.stat().st_size * 2 // 3])
+    with pytest.raises(UserError, match=rf"^cannot decompress {damaged} \(.+\); check the file or decompress it yourself$"):
+        data.load_documents(str(damaged))
+    assert sorted(p.name for p in (tmp_path / "cache" / "text").iterdir() if p.suffix != ".lock") == [copies[0].name]
+    monkeypatch.setattr(data, "TEXT_SPLIT_BYTES", 1 << 20)  # read whole: the same error
+    with pytest.raises(UserError, match=rf"^cannot decompress {damaged} "):
+        data.load_documents(str(damaged)).fetch([0])
+    frames = tmp_path / "damaged" / f"c.txt{suffix}"  # concatenated streams (pzstd, pigz -i): all of them
+    frames.write_bytes(packed.read_bytes() * 2)
+    assert data.load_documents(str(frames)).fetch([0]) == [text * 2]
 
 
 def test_max_tokens_and_metadata(tmp_path, tiny_model_dir, tiny_text_dir):

@@ -310,6 +310,8 @@ def test_model_limits_are_checked_before_the_store_is_touched(capsys, base, stor
 def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
     import gzip
 
+    import zstandard
+
     from tests.conftest import byte_tokenizer
 
     rows = [json.dumps({"text": f"row {i} of the training text, long enough to fill a sequence or two."}) for i in range(40)]
@@ -317,7 +319,8 @@ def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
     data.mkdir()
     with gzip.open(data / "train.JSONL.gz", "wt") as f:
         f.write("\n".join(rows))
-    (data / "validation.jsonl").write_text("\n".join(r.replace("training", "VALIDATION") for r in rows))
+    with zstandard.open(data / "validation.jsonl.zst", "wt") as f:
+        f.write("\n".join(r.replace("training", "VALIDATION") for r in rows))
     for split, word in (("train", "training"), ("validation", "VALIDATION")):
         out = tmp_path / f"{split}.zarr"
         main_ok(*base, "--dataset", data, "--split", split, "--layers", "0", "--out", out)
@@ -325,7 +328,7 @@ def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
         assert word in text and ({"training", "VALIDATION"} - {word}).pop() not in text
     assert "has no files of split 'test'; it has train, validation" in cli(capsys, *base, "--dataset", data, "--split", "test")
     assert "is a single split (no 'validation'): drop --split" in cli(
-        capsys, *base, "--dataset", data / "validation.jsonl", "--split", "validation")
+        capsys, *base, "--dataset", data / "validation.jsonl.zst", "--split", "validation")
     (tmp_path / "notes.rtf").write_text("{\\rtf1 hello}")
     assert "notes.rtf is not .txt, .md, .jsonl, .json, .parquet or .csv" in cli(capsys, *base, "--dataset", tmp_path / "notes.rtf")
     (tmp_path / "chat.jsonl").write_text(json.dumps({"text": ["hello", "world"]}) + "\n")
