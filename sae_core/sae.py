@@ -289,16 +289,17 @@ class Sae(nn.Module):
     def load_from_hub(
         repo_id: str,
         layer: int | str | None = None,
+        device: str | torch.device = "cpu",
         *,
         hookpoint: str | None = None,
         revision: str | None = None,
-        device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         decoder: bool = True,
     ) -> Sae:
         """Download (only) the folder of one layer or hookpoint of a Hub repo and load it.
 
         `layer=10` finds `layer_10` or `layers.10`; a name (`"layers.10.mlp"`) is a folder, as `hookpoint=`.
+        The first three arguments are positional as in EleutherAI's sparsify (repo, hookpoint, device).
         """
         from .hub import load_from_hub
 
@@ -329,14 +330,15 @@ class Sae(nn.Module):
         path_or_repo: str | Path,
         local: bool = False,
         layers: list[int | str] | None = None,
+        device: str | torch.device = "cpu",
         *,
         pattern: str | None = None,
         revision: str | None = None,
-        device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         decoder: bool = True,
     ) -> dict[str, Sae]:
-        """Load every SAE folder of a local folder (`local=True`) or a Hub repo, naturally sorted."""
+        """Load every SAE folder of a local folder (`local=True`) or a Hub repo, naturally sorted
+        (positional arguments as in EleutherAI's sparsify: name, local, layers, device)."""
         from .checkpoint import load_many_local
         from .hub import load_many_from_hub
 

@@ -175,6 +175,7 @@ def test_hookpoint_folder_beside_layer_folder(hub: FakeHub, tmp_path: Path):
     # A name in place of the layer is a folder (sparsify's load_from_hub(repo, "layers.3.mlp")); digits a layer.
     assert_weights(Sae.load_from_hub(NEW_REPO, "layers.3.mlp"), saved["layers.3.mlp"])
     assert_weights(Sae.load_from_hub(NEW_REPO, "3"), saved["layers.3"])
+    assert_weights(Sae.load_from_hub(NEW_REPO, "layers.3", "cpu"), saved["layers.3"])  # sparsify's positional device
     assert list(Sae.load_many_from_hub(NEW_REPO, layers=["3"])) == ["layers.3"]
     assert list(Sae.load_many_from_hub(NEW_REPO, layers=[3])) == ["layers.3"]
     assert list(Sae.load_many_from_hub(NEW_REPO)) == ["layers.3", "layers.3.mlp"]
@@ -297,6 +298,7 @@ def test_load_many_hub_and_local(hub: FakeHub, old_repo, tmp_path: Path):
     for name, sae in local.items():
         assert_weights(sae, old_repo[name])
     assert list(Sae.load_many(tmp_path / "repos" / "old", local=True, layers=[10])) == ["layer_10"]
+    assert list(Sae.load_many(tmp_path / "repos" / "old", True, [10], "cpu")) == ["layer_10"]  # as sparsify's
 
 
 # ---------------------------------------------------------------------------------- revision
