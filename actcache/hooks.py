@@ -1,7 +1,8 @@
 """Capturing activations with forward hooks, and stopping the forward pass after the last one.
 
 Layer L is captured by a forward *pre*-hook on block L (its input is `hidden_states[L]`);
-a hookpoint by a forward hook on the module (its output). Once every target has fired,
+a hookpoint by a forward hook on the module (its output: `(batch, seq, d)`, or the flattened batch's
+`(batch * seq, d)` rows, which OPT's layers work on). Once every target has fired,
 the hook raises `_Stop`, so the blocks after the last requested layer never run.
 """
 
@@ -72,13 +73,17 @@ class Capture:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            self._store(name, _first_tensor(output))
+            x = _first_tensor(output)
+            if x.dim() == 2 and x.shape[0] == self.tokens[0] * self.tokens[1]:  # rows of the flattened batch (OPT)
+                x = x.unflatten(0, self.tokens)
+            self._store(name, x)
 
         return hook
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         self.out = {}
+        self.tokens = tuple(input_ids.shape)
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _Stop:

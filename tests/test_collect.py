@@ -70,13 +70,35 @@ def test_bf16_equals_hidden_states_rounded(tmp_path, tiny_model_dir, tiny_text_d
 def test_hookpoints_equal_module_outputs(tmp_path, tiny_model_dir, tiny_text_dir):
     store = run(tmp_path, tiny_model_dir, tiny_text_dir, hookpoints=["model.layers.*.mlp", "model.norm"], dtype="float32")
     assert store.layers == [f"model.layers.{i}.mlp" for i in range(4)] + ["model.norm"]
+    assert_module_outputs(store, tiny_model_dir)
+
+
+def test_hookpoints_of_flattened_token_rows(tmp_path, tiny_text_dir):
+    """OPT's blocks run their MLP on the batch flattened to (batch * seq, d): one row per token still."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=257,
+                    word_embed_proj_dim=16, max_position_embeddings=512)
+    OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    byte_tokenizer().save_pretrained(tmp_path / "opt")
+    store = run(tmp_path, tmp_path / "opt", tiny_text_dir, hookpoints=["*.layers.*.fc1", "*.layers.1.self_attn"],
+                dtype="float32")
+    assert store.layers == ["model.decoder.layers.0.fc1", "model.decoder.layers.1.self_attn", "model.decoder.layers.1.fc1"]
+    assert store.read("model.decoder.layers.0.fc1", 0, 4).shape == (4, 32)
+    assert_module_outputs(store, tmp_path / "opt")
+
+
+def assert_module_outputs(store, model_dir):
+    """Every hookpoint of the store holds what a forward hook on the module sees, row for row."""
     n = store.layout.num_tokens
     ids = store.tokens(0, n).reshape(-1, CTX)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seen: dict[str, list] = {name: [] for name in store.layers}
     mods = dict(model.named_modules())
     for name in store.layers:
-        mods[name].register_forward_hook(lambda m, a, o, name=name: seen[name].append(o.detach()))
+        mods[name].register_forward_hook(
+            lambda m, a, o, name=name: seen[name].append((o[0] if isinstance(o, tuple) else o).detach()))
     with torch.no_grad():
         for b in range(0, len(ids), 2):
             model(ids[b : b + 2])
