@@ -5,6 +5,7 @@ Loading reads JSON and safetensors only; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import torch
 from natsort import natsorted
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import SaeConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import resolve_device
 from .sae import Sae
 
@@ -39,6 +40,23 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     its files readable by their owner only (0600), which hides SAEs from a shared machine's users."""
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
+
+
+class Unreadable(ValueError):
+    """Raised inside `reading` for what a file lacks: quoted as it is."""
+
+
+@contextlib.contextmanager
+def reading(path: Path, fix: str):
+    """A file that cannot be read (missing, truncated, not safetensors, not JSON, lacking an entry) as
+    one line naming it and `fix`; errors of the disk itself pass through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        why = str(e) if isinstance(e, Unreadable) else f"no entry {e}" if isinstance(e, KeyError) else first_line(e)
+        raise UserError(f"{path} cannot be read ({why}); {fix}") from None
 
 
 def save_sae(sae: Sae, path: str | Path) -> None:
@@ -117,7 +135,7 @@ def _read_cfg(path: Path) -> tuple[int, SaeConfig]:
         raise UserError(f"{path} has no {CFG_NAME}; point at a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
     try:
         cfg_dict = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); re-download or re-save the SAE") from None
     if not isinstance(cfg_dict, dict):
         raise UserError(f"{cfg_path} must hold a JSON object")
@@ -157,7 +175,7 @@ def load_sae(
     if not decoder:
         del expected["W_dec"]
     tensors = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    with reading(weights, "re-download or re-save the SAE"), safe_open(str(weights), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         unknown = keys - set(expected) - {"W_dec"}
         if unknown:

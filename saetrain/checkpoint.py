@@ -8,17 +8,24 @@ is safetensors or JSON: nothing is unpickled on resume.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from sae_core import Sae
-from sae_core.checkpoint import save_safetensors
+from sae_core import Sae, UserError
+from sae_core.checkpoint import Unreadable, reading, save_safetensors
 from sae_core.store.manifest import atomic_write
 
 LATEST = "LATEST"
+# What state.json holds: the step, and the position in the data order.
+STATE_KEYS = ("step", "epoch", "epoch_tokens", "tokens_seen")
+
+
+def _damaged(folder: Path) -> str:
+    return f"the checkpoint {folder} is damaged: restore it from a copy, or train that run again (--overwrite)"
 
 
 def ckpt_root(out: Path) -> Path:
@@ -38,16 +45,22 @@ def save_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer, since_fired: 
 
 
 def load_layer(folder: Path, sae: Sae, opt: torch.optim.Optimizer) -> torch.Tensor:
-    loaded = Sae.load_from_disk(folder, device=sae.device, dtype=sae.dtype)
+    try:
+        loaded = Sae.load_from_disk(folder, device=sae.device, dtype=sae.dtype)
+    except UserError as e:  # the problem, with the fix for a checkpoint
+        raise UserError(f"{str(e).split('; ')[0]}; {_damaged(folder.parent)}") from None
     with torch.no_grad():
         for (_, p), (_, q) in zip(sae.named_parameters(), loaded.named_parameters(), strict=True):
             p.copy_(q)
-    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(sae.device))
+    path = folder / "optimizer.safetensors"
+    with reading(path, _damaged(folder.parent)):
+        tensors = load_file(str(path), device=str(sae.device))
+        since_fired = tensors["num_tokens_since_fired"]
     for name, p in sae.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
         if state:  # the fused Adam keeps its step counter on the parameter's device
             opt.state[p] = state
-    return tensors["num_tokens_since_fired"]
+    return since_fired
 
 
 def write_state(root: Path, step: int, state: dict) -> None:
@@ -64,8 +77,17 @@ def publish(root: Path, step: int) -> None:
 
 
 def latest(out: Path) -> tuple[Path, dict] | None:
+    """The checkpoint in force and its state, None before the first; a damaged one is a one-line error."""
     root = ckpt_root(out)
     if not (root / LATEST).is_file():
         return None
-    folder = root / (root / LATEST).read_text().strip()
-    return folder, json.loads((folder / "state.json").read_text())
+    name = (root / LATEST).read_text(errors="replace").strip()
+    if not re.fullmatch(r"step_\d+", name):
+        with reading(root / LATEST, _damaged(root)):
+            raise Unreadable(f"it names {name[:40]!r}, not a step_N folder")
+    folder = root / name
+    with reading(folder / "state.json", _damaged(folder)):
+        state = json.loads((folder / "state.json").read_text())
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in STATE_KEYS):
+            raise Unreadable(f"it lacks one of {', '.join(STATE_KEYS)}")
+    return folder, state

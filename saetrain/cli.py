@@ -97,12 +97,9 @@ def evaluate(
     from sae_core.store import ActivationStore
 
     from .evaluate import heldout_fvu
-    from .settings import select_layers
+    from .settings import read_run_config, select_layers
 
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a saetrain run (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_run_config(run_dir)
     if not cfg["holdout_chunks"]:
         raise UserError(f"{run_dir} held out no chunks; train with --holdout FRACTION to evaluate")
     dev = resolve_device(device)

@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from sae_core import UserError
+from sae_core.checkpoint import Unreadable, reading
 from sae_core.errors import folder_contents
 from sae_core.store import ActivationStore
 
@@ -101,6 +102,27 @@ def validate(cfg: TrainConfig) -> None:
 RUN_KEYS = ("store_fingerprint", "layers", "num_latents_per_layer", "holdout_chunks")
 
 
+# What evaluation, --resume and --init-from read from a run's config.json.
+CONFIG_KEYS = (*RUN_KEYS, "store", "d_in", "exclude_first_tokens", "exclude_token_ids")
+
+
+def read_run_config(run: Path) -> dict:
+    """A run's config.json; a missing one says the folder is not a run, a damaged one is a one-line error."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run} is not a saetrain run (no config.json); pass a `saetrain fit --out` folder")
+    with reading(path, "restore it from a copy, or train that run again (--overwrite)"):
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise Unreadable("not a JSON object")
+        if missing := [k for k in CONFIG_KEYS if k not in config]:
+            raise Unreadable(f"it lacks {', '.join(missing)}")
+        if not all(isinstance(config[k], t) for k, t in
+                   (("layers", list), ("holdout_chunks", list), ("d_in", dict), ("num_latents_per_layer", dict))):
+            raise Unreadable("layers, holdout_chunks, d_in or num_latents_per_layer has the wrong type")
+    return config
+
+
 def is_run(folder: Path) -> bool:
     """Whether `folder` is a run written by `saetrain fit` (its config.json holds saetrain's keys)."""
     try:
@@ -125,9 +147,13 @@ def check_out(cfg: TrainConfig) -> None:
         raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the folder itself")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
+    if (above := next((p for p in out.absolute().parents if p.exists()), None)) and not above.is_dir():
+        raise UserError(f"--out {out} is under {above}, a file; pass a folder path for the run")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
         return
+    if cfg.resume and (out / "config.json").is_file():
+        read_run_config(out)  # a damaged run is named as such, not as "not a run"
     # A crash between creating the folder and renaming config.json in leaves only its temporary file.
     if not is_run(out) and not all(n.startswith(".config.json.tmp") for n in entries):
         raise UserError(f"--out {out} is not a saetrain run (it holds {folder_contents(entries)}); choose another --out")

@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .evaluate import heldout_fvu
 from .loader import StoreLoader
 from .plan import plan_layers
-from .settings import RESUME_KEYS, is_run, resolve_config, select_layers, validate
+from .settings import RESUME_KEYS, is_run, read_run_config, resolve_config, select_layers, validate
 
 
 @dataclass
@@ -187,14 +187,7 @@ def _fit(cfg: TrainConfig) -> FitResult:
         rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
         exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
     )
-    error = None
-    try:
-        _check_finite(store, mine, train_chunks, sorted(held), cfg)
-    except UserError as e:
-        error = str(e)
-    error = any_error(error, world)
-    if error:
-        raise UserError(error)
+    _refuse_together(lambda: _check_finite(store, mine, train_chunks, sorted(held), cfg), world)
     if _epoch_tokens(loader, 0, dp) < 2:
         raise UserError(f"the exclusions leave {loader.epoch_tokens(0)} training token(s) in {store.path}; "
                         "exclude fewer (--exclude-token-ids / --exclude-first-tokens) or lower --holdout")
@@ -210,16 +203,36 @@ def _fit(cfg: TrainConfig) -> FitResult:
         for n in mine
     }
 
-    state = _prepare_out(cfg, out, resolved, rank)
+    # So is the checkpoint it starts from: a damaged one is refused with the run folder as it was.
+    state = _resume_state(cfg, out, resolved)
+    if cfg.resume and state is None and rank == 0 and is_run(out):
+        print(f"note: {out} has no checkpoint ({ckpt.LATEST} names none); training starts from the beginning",
+              file=sys.stderr)
+    start = ckpt.latest(out)[0] if state is not None else init[0] if init is not None else None
+    if start is not None:
+        def load() -> None:
+            for n, t in trainers.items():
+                t.since_fired = ckpt.load_layer(start / n, t.sae, t.opt).to(device)
+
+        _refuse_together(load, world)
+    _prepare_out(cfg, out, resolved, rank, state)
     if plan and rank == 0:
         atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
         print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
-    start = ckpt.latest(out)[0] if state is not None else init[0] if init is not None else None
-    if start is not None:
-        for n, t in trainers.items():
-            t.since_fired = ckpt.load_layer(start / n, t.sae, t.opt).to(device)
     result = _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0)
     return result
+
+
+def _refuse_together(check, world: int) -> None:
+    """Run `check` on every rank; where it refuses on one, every rank raises its error (none is left
+    waiting in a collective)."""
+    error = None
+    try:
+        check()
+    except UserError as e:
+        error = str(e)
+    if error := any_error(error, world):
+        raise UserError(error)
 
 
 def _init_source(cfg: TrainConfig, out: Path, resolved: dict) -> tuple[Path | None, dict]:
@@ -232,13 +245,13 @@ def _init_source(cfg: TrainConfig, out: Path, resolved: dict) -> tuple[Path | No
     if run.resolve() == out.resolve():
         raise UserError(f"--init-from {run} is the run folder itself; pass --resume to continue it")
     if cfg.resume and ckpt.latest(out) is not None:
-        recorded = json.loads((out / "config.json").read_text()).get("init_from")
+        recorded = read_run_config(out).get("init_from")
         if isinstance(recorded, dict) and recorded.get("run") == str(run):
             return None, {"step": recorded["step"], "tokens": recorded["tokens"]}
     found = ckpt.latest(run) if (run / "config.json").is_file() else None
     if found is None:
         raise UserError(f"--init-from {run}: not a saetrain run with a checkpoint; point it at a finished `saetrain fit --out` folder")
-    old = json.loads((run / "config.json").read_text())
+    old = read_run_config(run)
     missing = [n for n in resolved["layers"] if n not in old["layers"]]
     if missing:
         raise UserError(f"--init-from {run} has no SAE for {missing[0]} (it trained {', '.join(old['layers'])}); pass --layers")
@@ -288,11 +301,12 @@ def _check_finite(store: ActivationStore, layers: list[str], train: list[int], h
             raise UserError(f"{e} (in a held-out chunk)") from None
 
 
-def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict | None:
-    """Create or reopen the run folder; return the checkpoint state when resuming."""
+def _resume_state(cfg: TrainConfig, out: Path, resolved: dict) -> dict | None:
+    """The state of the checkpoint --resume continues from (None: from the start), once the run is
+    known to be the same run."""
     state = None
     if cfg.resume and (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
+        old = read_run_config(out)
         if old.get("store_model") and old["store_model"] != resolved["store_model"]:
             raise UserError(
                 f"cannot resume {out}: it was trained on activations of {old['store_model']}, this store holds "
@@ -312,6 +326,11 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict
                 )
         found = ckpt.latest(out)
         state = found[1] if found else None
+    return state
+
+
+def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int, state: dict | None) -> None:
+    """Create or reopen the run folder; when resuming, drop the metrics past the checkpoint."""
     barrier()
     if rank == 0:
         if cfg.overwrite and out.exists():
@@ -324,7 +343,6 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int) -> dict
             lines = [ln for ln in metrics.read_text().splitlines() if _step_of(ln) <= keep_until]
             atomic_write(metrics, "".join(ln + "\n" for ln in lines))
     barrier()
-    return state
 
 
 def _step_of(line: str) -> float:
