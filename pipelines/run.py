@@ -85,7 +85,7 @@ def say(*args, **kwargs) -> None:
 def _collect(c, *, replace: bool = False) -> None:
     """Collect `c.out`. A store already there is resumed, or found complete, if it was collected with
     the recipe's settings (refused otherwise); `replace` collects it afresh."""
-    exists = c.out.exists()
+    exists = Path(c.out).exists()
     barrier()  # every rank has looked before rank 0 creates or replaces the store
     say(f"== {'checking' if exists and not replace else 'collecting'} activations in {c.out}")
     try:
@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipe", help=f"one of {', '.join(sorted(PRESETS))}, or FILE.py:FUNCTION returning a Recipe")
     p.add_argument("--resume-training", action="store_true", help="continue the last training checkpoint")
+
+    def one_line(message: str):  # as the other CLIs: one line, exit code 2
+        print(f"error: {message}; see `python -m pipelines.run --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+    p.error = one_line
     args = p.parse_args(argv)
     try:
         return run(args.recipe, resume_training=args.resume_training)

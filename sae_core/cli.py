@@ -42,13 +42,31 @@ def join_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+# click's exception classes, of the click typer uses (recent typer releases bundle their own copy).
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
-    """Run a typer app; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+    """Run a typer app; a `UserError` or a usage error (an unknown option, a value of the wrong type)
+    becomes `error: <message>` on stderr and exit code 2; Ctrl-C exits with 130."""
     try:
-        app(args=join_multi_values(sys.argv[1:] if argv is None else list(argv)), standalone_mode=True)
+        code = app(args=join_multi_values(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except _NoArgsIsHelp as e:  # the command alone: its help
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except _ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        print(f"error: {e.format_message().rstrip('.')}{hint}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def entry_point(app: typer.Typer) -> Callable[[], None]:

@@ -47,3 +47,36 @@ def test_empty_layer_spec_is_refused(tmp_path, tiny_model_dir, tiny_text_dir, ca
         "error: malformed layer spec '' (at ''); use e.g. '0-31', '0,4,8', '0-29:2' or 'all'"
     )
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("main_module, argv, message", [
+    ("actcache.cli", ["collect", "--bogus"], "No such option: --bogus"),
+    ("actcache.cli", ["collect", "--batch-size", "x"], "Invalid value for '--batch-size'"),
+    ("actcache.cli", ["info"], "Missing argument 'store'"),
+    ("actcache.cli", ["nosuch"], "No such command 'nosuch'"),
+    ("saetrain.cli", ["fit", "--k", "1.5"], "Invalid value for '--k'"),
+    ("saetrain.cli", ["evaluate"], "Missing argument"),
+    ("pipelines.run", ["--bogus", "tiny-debug"], "unrecognized arguments: --bogus"),
+    ("pipelines.run", [], "the following arguments are required: recipe"),
+])
+def test_usage_errors_are_one_line(capsys, main_module, argv, message):
+    """Unknown options, values of the wrong type and missing arguments: one line naming the problem and
+    where the help is, exit code 2 (not click's and argparse's usage block)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(main_module).main(argv)
+    text = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(text.splitlines()) == 1, text
+    assert text.startswith(f"error: {message}") and text.endswith(" --help`"), text
+
+
+def test_help_and_no_arguments_still_show_help(capsys):
+    from actcache.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--help"])
+    assert e.value.code == 0 and "--max-tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "collect" in capsys.readouterr().err  # as click shows it
