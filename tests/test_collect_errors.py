@@ -377,6 +377,8 @@ def torch_equal(a, b) -> bool:
     (["--shard-mb", "inf"], "--shard-mb must be a positive number of MiB, got inf"),
     (["--chunk-mb", "0"], "--chunk-mb must be a positive number of MiB, got 0.0"),
     (["--shard-mb", "-1"], "--shard-mb must be a positive number of MiB, got -1.0"),
+    (["--chunk-tokens", "1000000000"], "--chunk-tokens 1000000000 makes chunks of 30,518 MiB per layer, and a chunk "
+     "is read (and a shard held in memory) whole; use at most 8,388,608 tokens (leave it out for chunks of ~2 MiB)"),
     (["--seqs-per-shard", "4", "--chunk-tokens", "96"],
      "chunk size 96 tokens does not divide the shard size 128 tokens (4 sequences of 32); pick a divisor, "
      "or --seqs-per-shard a multiple of 3"),

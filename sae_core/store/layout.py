@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from ..errors import UserError
 
 MiB = 1 << 20
+# The largest chunk a store may have (per layer): training reads chunks whole, a writer holds a shard.
+MAX_CHUNK_BYTES = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ def plan_layout(
     check_layout_options(shard_mb=shard_mb, chunk_mb=chunk_mb, seqs_per_shard=seqs_per_shard, chunk_tokens=chunk_tokens)
     if num_sequences < 1:
         raise UserError("the dataset yields no complete sequence; lower --ctx-len or add data")
+    if chunk_tokens is not None and chunk_tokens * bytes_per_token > MAX_CHUNK_BYTES:
+        raise UserError(
+            f"--chunk-tokens {chunk_tokens} makes chunks of {chunk_tokens * bytes_per_token / MiB:,.0f} MiB per layer, "
+            f"and a chunk is read (and a shard held in memory) whole; use at most "
+            f"{MAX_CHUNK_BYTES // bytes_per_token:,} tokens (leave it out for chunks of ~{chunk_mb:g} MiB)"
+        )
     # Shards are whole sequences and whole chunks: a multiple of `unit` sequences.
     unit = 1 if chunk_tokens is None else chunk_tokens // math.gcd(chunk_tokens, ctx_len)
     if seqs_per_shard is None:
