@@ -35,14 +35,21 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def spec_items(spec: str) -> list[str]:
+    """The items of a spec: separated by commas or whitespace (`"0 4 8"` is `"0,4,8"`), with spaces
+    around `-` and `:` ignored (`"0 - 29 : 2"` is `"0-29:2"`)."""
+    text = re.sub(r"\s*([-:])\s*", r"\1", spec.strip())
+    return [item for part in text.split(",") for item in (part.split() or [""])]  # "1,,2": an empty item
+
+
 def _parse_spec(spec: str, num_layers: int) -> list[int]:
-    text = spec.strip().replace(" ", "")
-    if text.lower() in ("all", "*"):
+    items = spec_items(spec)
+    if len(items) == 1 and items[0].lower() in ("all", "*"):
         return list(range(num_layers))
-    if text.lower().startswith("all:"):
-        text = f"0-{num_layers - 1}:{text[4:]}"
+    if len(items) == 1 and items[0].lower().startswith("all:"):
+        items = [f"0-{num_layers - 1}:{items[0][4:]}"]
     layers: list[int] = []
-    for item in text.split(","):
+    for item in items:
         m = _ITEM.match(item)
         if not m:
             raise UserError(f"malformed layer spec {spec!r} (at {item!r}); {_HELP}")

@@ -36,13 +36,14 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     """The store arrays `--layers` names, in the store's order: layer numbers and ranges (as
     actcache's), array names (`layer_3`, `model.layers.3.mlp`) and fnmatch patterns of them."""
     from sae_core import parse_layers
+    from sae_core.layers import spec_items
 
     if spec is None or spec.strip().lower() in ("all", "*"):
         return store.layers
     if store.layer_ids is not None and spec.strip().lower().startswith("all"):  # all:2
         ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
         return [f"layer_{i}" for i in ids]
-    items = [s for s in (s.strip() for s in spec.split(",")) if s]
+    items = [item for item in spec_items(spec) if item]
     if not items:  # "" or ",": as parse_layers refuses it
         raise UserError(f"--layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
                         f"'0-29:2', 'all' or names of the store's arrays ({', '.join(store.layers)})")

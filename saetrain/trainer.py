@@ -318,6 +318,12 @@ def _resume_state(cfg: TrainConfig, out: Path, resolved: dict) -> dict | None:
                 f"and has {resolved['store_tokens']:,} now, which changes the data order and the held-out chunks; "
                 "start a new run (another --out) or --overwrite"
             )
+        if old.get("store_chunk_tokens", resolved["store_chunk_tokens"]) != resolved["store_chunk_tokens"]:
+            raise UserError(
+                f"cannot resume {out}: its store had chunks of {old['store_chunk_tokens']} tokens and this one has "
+                f"{resolved['store_chunk_tokens']}, which changes the data order and the held-out chunks; pass the "
+                "run's store, or start a new run (another --out) or --overwrite"
+            )
         for key in RESUME_KEYS:
             if old.get(key) != resolved.get(key):
                 raise UserError(

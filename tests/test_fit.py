@@ -256,6 +256,19 @@ def test_resume_refuses_a_store_that_grew(store_path, tmp_path):
         fit(cfg(partial, out, resume=True, holdout=0.2))
 
 
+def test_resume_refuses_the_same_data_chunked_otherwise(store_path, tmp_path, tiny_model_dir):
+    """Same tokens, same order, other chunks: the chunk numbers held out would be other tokens."""
+    store = ActivationStore(store_path)
+    rechunked = tmp_path / "rechunked.zarr"
+    collect(CollectConfig(out=rechunked, model=str(tiny_model_dir), dataset=store.meta["data"]["dataset"], ctx_len=32,
+                          batch_size=4, seqs_per_shard=4, chunk_tokens=64, dtype="float32", device="cpu", progress=False))
+    assert ActivationStore(rechunked).meta["data"]["fingerprint"] == store.meta["data"]["fingerprint"]
+    out = tmp_path / "run"
+    fit(cfg(store_path, out, layers="1", max_tokens=64, holdout=0.1))
+    with pytest.raises(UserError, match=r"cannot resume .*: its store had chunks of 32 tokens and this one has 64"):
+        fit(cfg(rechunked, out, layers="1", resume=True, holdout=0.1))
+
+
 @pytest.mark.parametrize(
     "change, key",
     [(dict(expansion_factor=8), "num_latents_per_layer"), (dict(num_latents=48), "num_latents_per_layer"),
@@ -325,6 +338,7 @@ def test_layers_by_name_and_pattern(store_path, tmp_path):
     assert select_layers(store, "layer_2,1") == ["layer_1", "layer_2"]
     assert select_layers(store, "layer_[02]") == ["layer_0", "layer_2"]
     assert select_layers(store, "0-3:2") == ["layer_0", "layer_2"]
+    assert select_layers(store, "1 2") == ["layer_1", "layer_2"]  # never layer 12
     assert select_layers(store, "all") == store.layers
 
 

@@ -13,6 +13,9 @@ from sae_core import UserError, format_layers, parse_layers
         ("all:8", [0, 8, 16, 24]),
         ("8,0,4,4", [0, 4, 8]),
         (" 1 - 3 , 31", [1, 2, 3, 31]),
+        ("0 1", [0, 1]),  # whitespace separates, as a comma does: never "01"
+        ("1 2", [1, 2]),
+        ("0-1 8 , 0-29 : 14", [0, 1, 8, 14, 28]),
         ("10", [10]),
         (10, [10]),
         ([3, 1], [1, 3]),
