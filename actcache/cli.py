@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from sae_core import UserError
 from sae_core.cli import field_docs, make_app, run_app
 
 from .config import CollectConfig
@@ -51,6 +52,8 @@ def collect(
     from .collect import collect as run
 
     points = [p.strip() for item in (hookpoints or []) for p in item.split(",") if p.strip()]
+    if hookpoints is not None and not points:
+        raise UserError("--hookpoints names no module; pass patterns like 'model.layers.*.mlp', or leave it out for --layers")
     cfg = CollectConfig(
         out=out, model=model, gguf_file=gguf_file, revision=revision, dataset=dataset, dataset_config=dataset_config,
         split=split,

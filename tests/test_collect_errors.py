@@ -106,7 +106,10 @@ def test_existing_store_needs_resume_or_overwrite(capsys, base, store):
     "change, what",
     [(["--layers", "0,3"], "arrays.layer_2 differs (store: {'d': 16, 'layer': 2}, now: None)"), (["--layers", "0,2", "--dtype", "float32"], "dtype differs"),
      (["--layers", "0,2", "--ctx-len", "16"], "ctx_len differs"), (["--layers", "0,2", "--seed", "5"], "data.seed differs (store: 0, now: 5)"),
-     (["--layers", "0,2", "--seed", "-1"], "data.seed differs (store: 0, now: None)")],  # not "another data order"
+     (["--layers", "0,2", "--seed", "-1"], "data.seed differs (store: 0, now: None)"),  # not "another data order"
+     (["--layers", "0,2", "--codec", "gzip"], "codec differs (store: 'zstd', now: 'gzip'); use the same --codec"),
+     (["--layers", "0,2", "--model-dtype", "float16"], "model.dtype differs (store: 'float32', now: 'float16'); "
+                                                       "use the same --model/--revision/--gguf-file/--model-dtype")],
 )
 def test_resume_with_other_settings(capsys, base, store, change, what):
     err = cli(capsys, *base, *change, "--resume")
@@ -330,6 +333,7 @@ def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
     assert "is a single split (no 'validation'): drop --split" in cli(
         capsys, *base, "--dataset", data / "validation.jsonl.zst", "--split", "validation")
     (tmp_path / "notes.rtf").write_text("{\\rtf1 hello}")
+    assert "--hookpoints names no module" in cli(capsys, *base, "--hookpoints", "")
     assert "notes.rtf is not .txt, .md, .jsonl, .json, .parquet or .csv" in cli(capsys, *base, "--dataset", tmp_path / "notes.rtf")
     (tmp_path / "chat.jsonl").write_text(json.dumps({"text": ["hello", "world"]}) + "\n")
     assert "column 'text' of dataset" in cli(capsys, *base, "--dataset", tmp_path / "chat.jsonl")

@@ -49,12 +49,13 @@ from .stats import RunningStats
 
 # What must match for --resume to continue a store (and the flag that sets each).
 RESUME_KEYS = {
-    "model": "--model/--revision/--gguf-file",
+    "model": "--model/--revision/--gguf-file/--model-dtype/--load-in-8bit",
     "arrays": "--layers/--hookpoints",
     "dtype": "--dtype",
     "ctx_len": "--ctx-len",
     "data": "--dataset/--dataset-config/--split/--text-column/--seed/--max-tokens/--skip-tokens",
     "layout": "--seqs-per-shard/--chunk-tokens",
+    "codec": "--codec",
 }
 
 
