@@ -13,8 +13,16 @@ from .models import resolve_device
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; launch with torchrun, "
+                        "or unset WORLD_SIZE for one process") from None
     if world > 1 and not dist.is_initialized():
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
+                            "(it sets them all), or unset WORLD_SIZE for one process")
         # Both backends where CUDA is present: the stages reduce small CPU tensors (token counts,
         # metrics) and exchange Python objects beside their CUDA gradients; NCCL alone takes only
         # CUDA tensors. Object collectives and barriers then go over gloo.

@@ -66,14 +66,27 @@ def _triton_ops():
     return kernels
 
 
+def forced_backend(device: torch.device | None = None) -> str | None:
+    """The backend SAE_CORE_KERNELS forces ('torch', 'triton'), or None; a value that cannot work
+    (unknown, or triton where it cannot run on `device`) is a one-line UserError."""
+    from .errors import UserError
+
+    forced = os.environ.get("SAE_CORE_KERNELS", "").strip().lower()
+    if forced in ("", "auto"):
+        return None
+    if forced not in ("torch", "triton"):
+        raise UserError(f"SAE_CORE_KERNELS={forced!r} is not a backend; set it to torch or triton, or unset it")
+    if forced == "triton" and _triton_ops() is None:
+        raise UserError("SAE_CORE_KERNELS=triton but triton does not import here; pip install triton, or unset it")
+    if forced == "triton" and device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"SAE_CORE_KERNELS=triton needs a CUDA device (this is {device.type}; TRITON_INTERPRET=1 runs "
+                        "the kernels in Triton's interpreter); unset it or set it to torch")
+    return forced
+
+
 def backend(t: Tensor) -> str:
     """'triton' or 'torch' for tensors on t's device (see SAE_CORE_KERNELS)."""
-    forced = os.environ.get("SAE_CORE_KERNELS", "").strip().lower()
-    if forced in ("torch", "triton"):
-        if forced == "triton" and _triton_ops() is None:
-            raise RuntimeError("SAE_CORE_KERNELS=triton but triton does not import here; pip install triton")
-        return forced
-    return "triton" if t.is_cuda and _triton_ops() is not None else "torch"
+    return forced_backend() or ("triton" if t.is_cuda and _triton_ops() is not None else "torch")
 
 
 def gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:

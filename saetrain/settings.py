@@ -90,6 +90,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--exclude-token-ids takes token ids (0 to 2**31 - 1), got {bad_ids[0]}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    if not -(2**31) <= cfg.seed < 2**31:
+        raise UserError(f"--seed must be between -2**31 and 2**31 - 1, got {cfg.seed}")
     if not 0 <= cfg.holdout < 1:
         raise UserError(f"--holdout must be a fraction in [0, 1), got {cfg.holdout}")
     if cfg.resume and cfg.overwrite:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from sae_core import Sae, SaeConfig, UserError
 from sae_core.distributed import any_error, barrier, init_distributed, rank_device
+from sae_core.ops import forced_backend
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
 
@@ -150,6 +151,7 @@ def _fit(cfg: TrainConfig) -> FitResult:
         raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
     rank, world = init_distributed()
     device = rank_device(cfg.device, rank, world)
+    forced_backend(device)  # SAE_CORE_KERNELS, checked before anything is written
     if not store.complete and rank == 0:
         print(f"note: {store.path} is incomplete ({store.num_tokens:,} of {store.layout.num_tokens:,} tokens "
               "committed); training on the committed part", file=sys.stderr)

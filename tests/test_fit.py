@@ -577,3 +577,25 @@ def test_a_damaged_run_is_a_one_line_error_and_stays_as_it_was(capsys, store_pat
     (tmp_path / "file").write_text("x")
     assert f"--out {tmp_path / 'file' / 'run'} is under {tmp_path / 'file'}, a file" in err(
         capsys, "--store", store_path, "--out", tmp_path / "file" / "run")
+
+
+def test_bad_environment_and_seed_are_refused_before_anything_is_written(capsys, store_path, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    base = ["--store", store_path, "--out", out, "--layers", "1"]
+    assert "--seed must be between -2**31 and 2**31 - 1, got 99999999999999999999" in err(
+        capsys, *base, "--seed", "99999999999999999999")
+    for value, message in [
+        ("bogus", "SAE_CORE_KERNELS='bogus' is not a backend; set it to torch or triton, or unset it"),
+        ("triton", "SAE_CORE_KERNELS=triton needs a CUDA device (this is cpu;"),
+    ]:
+        monkeypatch.setenv("SAE_CORE_KERNELS", value)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert message in err(capsys, *base)
+    monkeypatch.delenv("SAE_CORE_KERNELS")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert "WORLD_SIZE='abc' is not a number; launch with torchrun" in err(capsys, *base)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset: launch with torchrun" in err(capsys, *base)
+    assert not out.exists()
