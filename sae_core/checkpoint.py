@@ -102,6 +102,8 @@ def select_folders(
 ) -> list[str]:
     """Pick folders by layer number or name (`layers`) and/or fnmatch `pattern`, naturally sorted."""
     chosen = list(available)
+    if isinstance(layers, (str, int)):  # one layer, not the characters of its name
+        layers = [layers]
     if layers is not None:
         chosen = []
         for want in layers:

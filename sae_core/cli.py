@@ -63,6 +63,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         print(f"error: {e.format_message().rstrip('.')}{hint}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    except PermissionError as e:  # a read-only folder or file, wherever the command met it
+        where = f" to {e.filename}" if e.filename else ""
+        print(f"error: permission denied{where}; make it writable by this user or choose another path", file=sys.stderr)
+        raise SystemExit(2) from None
     except typer.Abort:
         print("Aborted!", file=sys.stderr)
         raise SystemExit(1) from None

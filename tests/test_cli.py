@@ -80,3 +80,23 @@ def test_help_and_no_arguments_still_show_help(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and "collect" in capsys.readouterr().err  # as click shows it
+
+
+def test_a_permission_error_is_one_line(capsys):
+    """A read-only folder met anywhere (root here ignores permissions, so the error is raised directly)."""
+    from sae_core.cli import make_app, run_app
+
+    app = make_app("test")
+
+    @app.command()
+    def write(path: str) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    with pytest.raises(SystemExit) as e:
+        run_app(app, ["write", "/data/ro/acts.zarr"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        "error: permission denied to /data/ro/acts.zarr; make it writable by this user or choose another path")

@@ -441,3 +441,21 @@ def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, 
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", counting)
     run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1")
     assert set(calls) == {0}, "layer 1 is the input of block 1: blocks 1-3 must not run"
+
+
+def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_text_dir):
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1", max_tokens=128)
+    n = store.layout.num_chunks
+    assert torch.equal(store.read_chunk(1, n - 1), store.read(1, store.layout.chunk_tokens_range(n - 1).start))
+    with pytest.raises(UserError, match=rf"^chunk {n} is out of range: store .* has chunks 0-{n - 1}$"):
+        store.read_chunk(1, n)
+    with pytest.raises(UserError, match=r"^chunk -1 is out of range"):
+        store.read_chunk(1, -1)
+    with pytest.raises(UserError, match=r"^layer True is not a layer; pass a number \(3\) or an array name \('layer_0'\)"):
+        store.read(True, 0, 4)  # True == 1 to Python: it read layer 1
+    from sae_core import Sae, SaeConfig
+
+    for name in ("layer_0", "layer_1"):
+        Sae(16, SaeConfig(num_latents=32, k=4)).save_to_disk(tmp_path / "saes" / name)
+    assert list(Sae.load_many(tmp_path / "saes", local=True, layers="layer_1")) == ["layer_1"]  # not "l", "a", ...
+    assert list(Sae.load_many(tmp_path / "saes", local=True, layers=0)) == ["layer_0"]

@@ -115,6 +115,8 @@ class ActivationStore:
 
     def resolve(self, layer: int | str) -> str:
         """The array name of a layer number (3, "3") or name (`layer_3`, a hookpoint)."""
+        if isinstance(layer, bool):  # an int to Python, never meant as a layer
+            raise UserError(f"layer {layer!r} is not a layer; pass a number (3) or an array name ({self.layers[0]!r})")
         if isinstance(layer, numbers.Integral):
             name = layer_key(int(layer))
         elif isinstance(layer, str) and layer.strip().isdigit() and layer not in self.meta["arrays"]:
@@ -175,6 +177,9 @@ class ActivationStore:
         return from_storage(self._read(name, start, stop), self.dtype_name)
 
     def read_chunk(self, layer: int | str, chunk: int) -> torch.Tensor:
+        """Activations of chunk `chunk` (`0 .. layout.num_chunks - 1`), the unit training reads."""
+        if not 0 <= chunk < self.layout.num_chunks:
+            raise UserError(f"chunk {chunk} is out of range: store {self.path} has chunks 0-{self.layout.num_chunks - 1}")
         r = self.layout.chunk_tokens_range(chunk)
         return self.read(layer, r.start, r.stop)
 
