@@ -82,7 +82,14 @@ def _validate(cfg: CollectConfig) -> None:
         raise UserError("pass either --resume or --overwrite, not both")
     check_layout_options(shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard,
                          chunk_tokens=cfg.chunk_tokens)
+    for flag, value in (("--out", cfg.out), ("--model", cfg.model), ("--dataset", cfg.dataset)):
+        if value is not None and not str(value).strip():
+            raise UserError(f"{flag} is empty; pass a path{'' if flag == '--out' else ' or Hub id, or leave it out for the default'}")
     out = Path(cfg.out)
+    data = Path(cfg.dataset).expanduser() if cfg.dataset else None
+    if data is not None and data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
+        raise UserError(f"--out {out} is inside the dataset folder {cfg.dataset}, where the store would become data; "
+                        "choose an --out outside it")
     state = store_state(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")

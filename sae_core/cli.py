@@ -50,8 +50,14 @@ _NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpEr
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; a `UserError` or a usage error (an unknown option, a value of the wrong type)
     becomes `error: <message>` on stderr and exit code 2; Ctrl-C exits with 130."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for i, arg in enumerate(args):  # a path option given "" would mean the current folder
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and ((eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip())):
+            print(f"error: {name} is empty; pass a value, or leave the option out", file=sys.stderr)
+            raise SystemExit(2)
     try:
-        code = app(args=join_multi_values(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
+        code = app(args=join_multi_values(args), standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

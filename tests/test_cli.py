@@ -40,12 +40,19 @@ def test_empty_layer_spec_is_refused(tmp_path, tiny_model_dir, tiny_text_dir, ca
     from actcache.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["collect", "--model", str(tiny_model_dir), "--dataset", str(tiny_text_dir), "--layers", "", "--device", "cpu",
+        main(["collect", "--model", str(tiny_model_dir), "--dataset", str(tiny_text_dir), "--layers", ",", "--device", "cpu",
               "--out", str(tmp_path / "s.zarr")])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "error: malformed layer spec '' (at ''); use e.g. '0-31', '0,4,8', '0-29:2' or 'all'"
+        "error: malformed layer spec ',' (at ''); use e.g. '0-31', '0,4,8', '0-29:2' or 'all'"
     )
+    # An empty value (a path option would read it as the current folder): refused by name, for any option.
+    for argv in (["collect", "--layers", ""], ["collect", "--out="], ["collect", "--dataset", " "]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "s.zarr")] if "--out=" not in argv else argv)
+        flag = argv[1].rstrip("=")
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+            f"error: {flag} is empty; pass a value, or leave the option out")
     assert not (tmp_path / "s.zarr").exists()
 
 

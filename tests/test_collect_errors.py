@@ -333,7 +333,9 @@ def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
     assert "is a single split (no 'validation'): drop --split" in cli(
         capsys, *base, "--dataset", data / "validation.jsonl.zst", "--split", "validation")
     (tmp_path / "notes.rtf").write_text("{\\rtf1 hello}")
-    assert "--hookpoints names no module" in cli(capsys, *base, "--hookpoints", "")
+    assert "--hookpoints names no module" in cli(capsys, *base, "--hookpoints", ",")
+    assert f"--out {data / 'acts.zarr'} is inside the dataset folder {data}, where the store would become data" in cli(
+        capsys, *base, "--dataset", data, "--out", data / "acts.zarr")
     assert "notes.rtf is not .txt, .md, .jsonl, .json, .parquet or .csv" in cli(capsys, *base, "--dataset", tmp_path / "notes.rtf")
     (tmp_path / "chat.jsonl").write_text(json.dumps({"text": ["hello", "world"]}) + "\n")
     assert "column 'text' of dataset" in cli(capsys, *base, "--dataset", tmp_path / "chat.jsonl")

@@ -414,7 +414,9 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
 
 def test_an_empty_layer_selection_is_refused(capsys, store_path, tmp_path):
     out = tmp_path / "run"
-    for spec in ("", ",", " , "):
+    assert err(capsys, "--store", store_path, "--out", out, "--layers", "") == (
+        "error: --layers is empty; pass a value, or leave the option out")
+    for spec in (",", " , "):
         assert err(capsys, "--store", store_path, "--out", out, "--layers", spec) == (
             f"error: --layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
             "'0-29:2', 'all' or names of the store's arrays (layer_0, layer_1, layer_2, layer_3)")
