@@ -27,7 +27,7 @@ from sae_core.store.format import (
     store_state,
 )
 from sae_core.store.layout import check_layout_options
-from sae_core.store.manifest import Manifest, read_manifests
+from sae_core.store.manifest import Manifest, damaged_shards, read_manifests
 from sae_core.store.writer import (
     ShardWriter,
     check_disk_space,
@@ -36,7 +36,6 @@ from sae_core.store.writer import (
     clear_folder,
     consolidate_manifests,
     create_store,
-    damaged_shards,
     lock_store,
 )
 

@@ -189,6 +189,7 @@ def _fit(cfg: TrainConfig) -> FitResult:
         rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
         exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
     )
+    store.check_shard_files()
     _refuse_together(lambda: _check_finite(store, mine, train_chunks, sorted(held), cfg), world)
     if _epoch_tokens(loader, 0, dp) < 2:
         raise UserError(f"the exclusions leave {loader.epoch_tokens(0)} training token(s) in {store.path}; "

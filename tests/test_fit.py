@@ -601,3 +601,17 @@ def test_bad_environment_and_seed_are_refused_before_anything_is_written(capsys,
         monkeypatch.delenv(var, raising=False)
     assert "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset: launch with torchrun" in err(capsys, *base)
     assert not out.exists()
+
+
+def test_a_damaged_store_is_refused_before_overwrite_deletes_the_run(capsys, store_path, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg(store_path, run, layers="1", max_tokens=64))
+    before = _tree(run)
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store_path, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    rel = next(r for r in manifest["shards"]["3"]["files"] if "layer_1" in r)
+    (damaged / rel).write_bytes((damaged / rel).read_bytes()[:-10])
+    text = err(capsys, "--store", damaged, "--out", run, "--layers", "1", "--overwrite")
+    assert text.startswith(f"error: store {damaged}: shard 3 is damaged ({rel} has ") and "actcache verify --repair" in text
+    assert _tree(run) == before

@@ -50,6 +50,18 @@ def file_problem(root: Path, rel: str, info: dict, *, checksum: bool) -> str | N
     return None
 
 
+def damaged_shards(path: Path, manifest: Manifest) -> dict[int, str]:
+    """Committed shards whose files are missing or of the wrong size (one `stat` per file; `verify`
+    reads them for their checksums): shard -> the first problem found."""
+    bad: dict[int, str] = {}
+    for shard, rec in sorted(manifest.shards.items()):
+        for rel, info in sorted(rec.files.items()):
+            if why := file_problem(path, rel, info, checksum=False):
+                bad[shard] = why
+                break
+    return bad
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:

@@ -21,7 +21,7 @@ from .format import (
     store_state,
 )
 from .layout import StoreLayout
-from .manifest import Manifest, read_manifests
+from .manifest import Manifest, damaged_shards, read_manifests
 from .stats import RunningStats
 
 # What to do about a damaged committed shard: verify sets it aside, --resume re-collects it.
@@ -146,6 +146,12 @@ class ActivationStore:
                 + (f" (set aside by verification: {why})" if why else "")
                 + f"; finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
             )
+
+    def check_shard_files(self) -> None:
+        """Every committed shard file present with its recorded size (a `stat` each, no reading):
+        what a damaged store shows before a long run starts, not in its middle."""
+        for shard, why in damaged_shards(self.path, self.manifest).items():
+            raise StoreCorruptError(f"store {self.path}: shard {shard} is damaged ({why}); {REPAIR_HINT}")
 
     def _check_files(self, name: str, start: int, stop: int) -> None:
         """A committed shard's file that is gone would read back as zeros (Zarr's fill value): refuse."""

@@ -41,7 +41,6 @@ from .manifest import (
     ShardRecord,
     atomic_write,
     file_crc32,
-    file_problem,
     manifest_files,
     read_manifests,
 )
@@ -114,18 +113,6 @@ def clear_folder(path: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-def damaged_shards(path: Path, manifest: Manifest) -> dict[int, str]:
-    """Committed shards whose files are missing or of the wrong size (one `stat` per file; `verify`
-    reads them for their checksums): shard -> the first problem found."""
-    bad: dict[int, str] = {}
-    for shard, rec in sorted(manifest.shards.items()):
-        for rel, info in sorted(rec.files.items()):
-            if why := file_problem(path, rel, info, checksum=False):
-                bad[shard] = why
-                break
-    return bad
 
 
 def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
