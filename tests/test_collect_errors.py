@@ -351,6 +351,31 @@ def main_ok(*argv) -> None:
     assert e.value.code in (0, None)
 
 
+@pytest.mark.parametrize("damage, why", [
+    (lambda m: m["layout"].update(chunk_tokens=0), "every layout size must be positive"),
+    (lambda m: m.pop("layout"), "'layout' is missing or not a dict"),
+    (lambda m: m.update(arrays=[]), "'arrays' is missing or not a dict"),
+    (lambda m: m.pop("dtype"), "'dtype' is missing or not a str"),
+])
+def test_damaged_store_metadata_is_one_line(capsys, store, damage, why):
+    root = json.loads((store / "zarr.json").read_text())
+    damage(root["attributes"]["actcache"])
+    (store / "zarr.json").write_text(json.dumps(root))
+    for argv in (["info", store], ["info", store, "--json"], ["verify", store], ["verify", store, "--repair"]):
+        text = cli(capsys, *argv)
+        assert text.startswith(f"error: store {store}: its metadata (zarr.json) is damaged ({why}"), text
+        assert text.endswith("); restore zarr.json from a copy, or collect the store again (--overwrite)"), text
+
+
+def test_damaged_array_metadata_is_named_not_repaired(capsys, store):
+    (store / "layers" / "layer_2" / "zarr.json").write_text("{oops")
+    expected = (f"error: store {store}: the metadata of layer_2 (layers/layer_2/zarr.json) is missing or damaged")
+    assert cli(capsys, "verify", store).startswith(expected)  # not "OK": no re-collection of shards can fix it
+    assert cli(capsys, "verify", store, "--repair").startswith(expected)
+    with pytest.raises(UserError, match="restore it from a copy, or collect the store again"):
+        ActivationStore(store).read(2, 0, 4)
+
+
 def test_a_missing_shard_file_is_an_error_not_zeros(store):
     import numpy as np
 

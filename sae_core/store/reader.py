@@ -56,8 +56,17 @@ class ActivationStore:
             raise UserError(f"{self.path} is a Zarr group but not an actcache store; check the path")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise UserError(f"{self.path} was written by a newer actcache (format {meta['format_version']}); upgrade")
+        try:
+            for key, kind in (("layout", dict), ("dtype", str), ("arrays", dict), ("data", dict), ("model", dict)):
+                if not isinstance(meta.get(key), kind) or not meta[key]:
+                    raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
+            self.layout = StoreLayout(**meta["layout"])
+        except (TypeError, ValueError) as e:
+            raise UserError(
+                f"store {self.path}: its metadata (zarr.json) is damaged ({e}); restore zarr.json from a copy, or "
+                "collect the store again (--overwrite)"
+            ) from None
         self.meta: dict = meta
-        self.layout = StoreLayout(**meta["layout"])
         self.dtype_name: str = meta["dtype"]
         self.refresh()
 
@@ -130,7 +139,19 @@ class ActivationStore:
     # ---------------------------------------------------------------------------------- data
     @cached_property
     def _arrays(self) -> dict:
-        return {name: self.group[array_path(name)] for name in self.layers} | {"tokens": self.group["tokens"]}
+        """The Zarr arrays by name; one whose metadata is gone or damaged is a one-line error (no
+        re-collection of shards brings metadata back)."""
+        arrays = {}
+        for name in ["tokens", *self.layers]:
+            rel = "tokens" if name == "tokens" else array_path(name)
+            try:
+                arrays[name] = self.group[rel]
+            except Exception as e:  # noqa: BLE001 - zarr raises several types for missing or damaged metadata
+                raise UserError(
+                    f"store {self.path}: the metadata of {name} ({rel}/zarr.json) is missing or damaged "
+                    f"({type(e).__name__}); restore it from a copy, or collect the store again (--overwrite)"
+                ) from None
+        return arrays
 
     def _check_committed(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.layout.num_tokens:
@@ -168,8 +189,9 @@ class ActivationStore:
         stop = self.committed_prefix if stop is None else stop
         self._check_committed(start, stop)
         self._check_files(name, start, stop)
+        array = self._arrays[name]
         try:
-            return self._arrays[name][start:stop]
+            return array[start:stop]
         except Exception as e:
             raise StoreCorruptError(
                 f"store {self.path}: reading {name} tokens [{start}, {stop}) failed ({type(e).__name__}: {e}); "

@@ -44,6 +44,7 @@ def verify_store(path: str | Path, *, set_aside: bool = False) -> list[str]:
 
 def _problems(store: ActivationStore) -> dict[int, list[str]]:
     """Committed shard -> what is wrong with it (shards without problems left out)."""
+    _ = store._arrays  # every array's metadata opens (else a one-line error): re-collecting shards cannot fix it
     bad: dict[int, list[str]] = {}
     expected_files = [array_path(n) for n in store.layers]
     for shard, rec in sorted(store.manifest.shards.items()):
