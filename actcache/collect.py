@@ -84,6 +84,8 @@ def _validate(cfg: CollectConfig) -> None:
     for flag, value in (("--out", cfg.out), ("--model", cfg.model), ("--dataset", cfg.dataset)):
         if value is not None and not str(value).strip():
             raise UserError(f"{flag} is empty; pass a path{'' if flag == '--out' else ' or Hub id, or leave it out for the default'}")
+    if cfg.revision is not None and cfg.model is not None and Path(cfg.model).expanduser().exists():
+        raise UserError(f"--revision applies to Hub models, and {cfg.model} is a local path: drop it")
     out = Path(cfg.out)
     data = Path(cfg.dataset).expanduser() if cfg.dataset else None
     if data is not None and data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
@@ -98,6 +100,8 @@ def _validate(cfg: CollectConfig) -> None:
     if state != "missing" and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     check_writable(out)
+    if cfg.resume and state == "missing" and os.environ.get("RANK", "0") == "0":
+        print(f"note: {out} does not exist yet: --resume collects it from the start", file=sys.stderr)
 
 
 def _model_meta(cfg: CollectConfig, model) -> dict:

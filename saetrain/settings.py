@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -57,8 +58,10 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
             if not matched:
                 raise UserError(f"--layers {item!r} matches none of the layers of {store.path}: {', '.join(store.layers)}")
             wanted.update(matched)
-        else:
+        elif re.fullmatch(r"[\d:-]+|all(:\d+)?", item.lower()):
             numbers.append(item)
+        else:
+            raise UserError(f"--layers {item!r}: {store.path} has no such array; it has {', '.join(store.layers)}")
     if numbers:
         if store.layer_ids is None:
             store.resolve(numbers[0])  # names the store's arrays

@@ -208,9 +208,10 @@ def _fit(cfg: TrainConfig) -> FitResult:
 
     # So is the checkpoint it starts from: a damaged one is refused with the run folder as it was.
     state = _resume_state(cfg, out, resolved)
-    if cfg.resume and state is None and rank == 0 and is_run(out):
-        print(f"note: {out} has no checkpoint ({ckpt.LATEST} names none); training starts from the beginning",
-              file=sys.stderr)
+    if cfg.resume and state is None and rank == 0:
+        why = f"has no checkpoint ({ckpt.LATEST} names none)" if is_run(out) else "does not exist yet" if not out.exists() else ""
+        if why:
+            print(f"note: {out} {why}: --resume trains it from the beginning", file=sys.stderr)
     start = ckpt.latest(out)[0] if state is not None else init[0] if init is not None else None
     if start is not None:
         def load() -> None:

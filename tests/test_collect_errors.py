@@ -334,6 +334,10 @@ def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
         capsys, *base, "--dataset", data / "validation.jsonl.zst", "--split", "validation")
     (tmp_path / "notes.rtf").write_text("{\\rtf1 hello}")
     assert "--hookpoints names no module" in cli(capsys, *base, "--hookpoints", ",")
+    assert "--revision applies to Hub models, and " in cli(capsys, *base, "--revision", "v2")
+    main_ok(*base, "--layers", "0", "--max-tokens", 64, "--resume", "--out", tmp_path / "fresh.zarr")
+    assert f"note: {tmp_path / 'fresh.zarr'} does not exist yet: --resume collects it from the start" in (
+        capsys.readouterr().err)
     assert f"--out {data / 'acts.zarr'} is inside the dataset folder {data}, where the store would become data" in cli(
         capsys, *base, "--dataset", data, "--out", data / "acts.zarr")
     assert "notes.rtf is not .txt, .md, .jsonl, .json, .parquet or .csv" in cli(capsys, *base, "--dataset", tmp_path / "notes.rtf")

@@ -339,6 +339,8 @@ def test_layers_by_name_and_pattern(store_path, tmp_path):
     assert select_layers(store, "layer_[02]") == ["layer_0", "layer_2"]
     assert select_layers(store, "0-3:2") == ["layer_0", "layer_2"]
     assert select_layers(store, "1 2") == ["layer_1", "layer_2"]  # never layer 12
+    with pytest.raises(UserError, match=r"^--layers 'layer_9': .* has no such array; it has layer_0, layer_1"):
+        select_layers(store, "layer_9")
     assert select_layers(store, "all") == store.layers
 
 
@@ -570,7 +572,10 @@ def test_a_damaged_run_is_a_one_line_error_and_stays_as_it_was(capsys, store_pat
     shutil.copytree(good, run)
     (run / "checkpoints" / "LATEST").unlink()
     res = fit(cfg(store_path, run, layers="1", max_tokens=2 * 64, holdout=0.1, resume=True))
-    assert res.steps == 2 and "has no checkpoint (LATEST names none); training starts from the beginning" in (
+    assert res.steps == 2 and "has no checkpoint (LATEST names none): --resume trains it from the beginning" in (
+        capsys.readouterr().err)
+    fit(cfg(store_path, tmp_path / "fresh", layers="1", max_tokens=64, holdout=0.1, resume=True))
+    assert f"note: {tmp_path / 'fresh'} does not exist yet: --resume trains it from the beginning" in (
         capsys.readouterr().err)
     truncate(good / "layer_1" / "sae.safetensors")  # the published SAE
     with pytest.raises(SystemExit):
