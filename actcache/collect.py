@@ -17,7 +17,7 @@ from sae_core import UserError, d_model, load_model, num_layers, parse_layers
 from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
 from sae_core.errors import first_line, folder_contents
 from sae_core.models import DEFAULT_MODEL_ID, text_config
-from sae_core.store import LAYER_CONVENTION, StoreLayout, plan_layout
+from sae_core.store import LAYER_CONVENTION, LAYER_CONVENTION_OUTPUTS, StoreLayout, plan_layout
 from sae_core.store.format import (
     LOCK_FILE,
     STORAGE_DTYPES,
@@ -41,7 +41,7 @@ from sae_core.store.writer import (
 
 from . import data
 from .config import CollectConfig
-from .hooks import Capture, match_hookpoints
+from .hooks import Capture, hidden_states_are_block_outputs, match_hookpoints
 
 
 class DataExhausted(UserError):
@@ -229,7 +229,8 @@ def _collect(cfg: CollectConfig) -> CollectResult:
         layers, hookpoints = None, match_hookpoints(model, cfg.hookpoints)
     else:
         layers, hookpoints = parse_layers("all" if cfg.layers is None else cfg.layers, num_layers(model)), None
-    capture = Capture(model, layers=layers, hookpoints=hookpoints)
+    block_outputs = layers is not None and hidden_states_are_block_outputs(model, device)
+    capture = Capture(model, layers=layers, hookpoints=hookpoints, block_outputs=block_outputs)
     widths = _probe_widths(capture, model, device, cfg.ctx_len)
     seqs, data_meta = prepare(cfg, docs, tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
@@ -247,7 +248,7 @@ def _collect(cfg: CollectConfig) -> CollectResult:
     meta = {
         "model": _model_meta(cfg, model),
         "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "layer_convention": LAYER_CONVENTION,
+        "layer_convention": LAYER_CONVENTION_OUTPUTS if block_outputs else LAYER_CONVENTION,
         "layers": layers,
         "hookpoints": hookpoints,
         "arrays": {name: {"d": d, **({"layer": layers[i]} if layers else {})} for i, (name, d) in enumerate(widths.items())},

@@ -42,18 +42,50 @@ def match_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
     return chosen
 
 
+@torch.inference_mode()
+def hidden_states_are_block_outputs(model: nn.Module, device: torch.device) -> bool:
+    """Whether the model's `hidden_states[L]` is the output of block L rather than its input: Mamba,
+    FalconMamba and RWKV list no embeddings entry. Told by one short forward pass: False when the
+    first entry is block 0's input, or when the model cannot say (no `hidden_states`)."""
+    seen = {}
+
+    def before(module, args, kwargs) -> None:
+        seen.setdefault("in", args[0] if args else kwargs["hidden_states"])
+
+    def after(module, args, output) -> None:
+        seen.setdefault("out", _first_tensor(output))
+
+    block = decoder_blocks(model)[0]
+    handles = [block.register_forward_pre_hook(before, with_kwargs=True), block.register_forward_hook(after)]
+    try:
+        first = model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device), output_hidden_states=True,
+                      use_cache=False).hidden_states[0]
+    except Exception:  # noqa: BLE001 - no hidden_states to compare with: the block-input convention
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+    same = lambda t: isinstance(t, torch.Tensor) and t.shape == first.shape and torch.equal(t, first)  # noqa: E731
+    return not same(seen.get("in")) and same(seen.get("out"))
+
+
 class Capture:
     """Run the model and return `{array name: (batch, seq, d) tensor}` for the targets."""
 
-    def __init__(self, model: nn.Module, *, layers: list[int] | None = None, hookpoints: list[str] | None = None):
+    def __init__(self, model: nn.Module, *, layers: list[int] | None = None, hookpoints: list[str] | None = None,
+                 block_outputs: bool = False):
         self.model = model
         self.out: dict[str, torch.Tensor] = {}
         self.handles = []
-        if layers:
+        if layers:  # hidden_states[L]: block L's input, or its output where the model lists those (see above)
             blocks = decoder_blocks(model)
             self.names = [layer_key(L) for L in layers]
             for L in layers:
-                self.handles.append(blocks[L].register_forward_pre_hook(self._pre_hook(layer_key(L)), with_kwargs=True))
+                if block_outputs:
+                    self.handles.append(blocks[L].register_forward_hook(self._hook(layer_key(L))))
+                else:
+                    self.handles.append(
+                        blocks[L].register_forward_pre_hook(self._pre_hook(layer_key(L)), with_kwargs=True))
         else:
             modules = dict(model.named_modules())
             self.names = list(hookpoints or [])

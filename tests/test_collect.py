@@ -51,6 +51,26 @@ def test_fp32_equals_hidden_states(tmp_path, tiny_model_dir, tiny_text_dir):
     assert verify_store(store.path) == []
 
 
+def test_layers_equal_hidden_states_where_they_list_block_outputs(tmp_path, tiny_model_dir, tiny_text_dir):
+    """Mamba's hidden_states[L] is block L's output (no embeddings entry): layer L is still hidden_states[L]."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from sae_core.store import LAYER_CONVENTION, LAYER_CONVENTION_OUTPUTS
+
+    torch.manual_seed(0)
+    MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=3, vocab_size=257, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    byte_tokenizer().save_pretrained(tmp_path / "mamba")
+    store = run(tmp_path, tmp_path / "mamba", tiny_text_dir, layers="all", dtype="float32")
+    n = store.layout.num_tokens
+    hs = hidden_states(tmp_path / "mamba", store.tokens(0, n).reshape(-1, CTX))
+    for layer in (0, 1, 2):
+        assert torch.equal(store.read(layer, 0, n), hs[layer].reshape(n, -1)), layer
+    assert store.meta["layer_convention"] == LAYER_CONVENTION_OUTPUTS
+    assert run(tmp_path, tiny_model_dir, tiny_text_dir, name="llama.zarr", layers="0").meta["layer_convention"] == (
+        LAYER_CONVENTION)
+
+
 def test_bf16_equals_hidden_states_rounded(tmp_path, tiny_model_dir, tiny_text_dir):
     store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="1,3")
     n = store.layout.num_tokens

@@ -42,7 +42,8 @@ def test_public_names():
         "decoder_blocks", "format_layers", "load_model", "num_layers", "parse_layers",
     ]
     assert sorted(sae_core.store.__all__) == [
-        "ActivationStore", "CODECS", "DEFAULT_CODEC", "LAYER_CONVENTION", "RunningStats", "StoreCorruptError",
+        "ActivationStore", "CODECS", "DEFAULT_CODEC", "LAYER_CONVENTION", "LAYER_CONVENTION_OUTPUTS", "RunningStats",
+        "StoreCorruptError",
         "StoreLayout", "layer_key", "open_store", "plan_layout", "verify_store",
     ]
     for name in ("load_from_disk", "load_from_hub", "load_many_from_hub", "load_many", "save_to_disk",

@@ -26,6 +26,8 @@ ATTRS_KEY = "actcache"
 CREATING_KEY = "actcache_creating"
 LOCK_FILE = ".writer.lock"
 LAYER_CONVENTION = "layer L = hidden_states[L], the residual stream entering block L (0 = embeddings)"
+# Where a model's hidden_states hold block outputs only (Mamba, FalconMamba, RWKV: no embeddings entry).
+LAYER_CONVENTION_OUTPUTS = "layer L = hidden_states[L], the output of block L (this model's hidden_states have no embeddings entry)"
 
 # Logical dtype -> (dtype stored in zarr, bytes per element). Zarr has no bfloat16.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
