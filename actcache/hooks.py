@@ -122,7 +122,8 @@ class Capture:
             pass
         missing = [n for n in self.names if n not in self.out]
         if missing:
-            raise RuntimeError(f"the forward pass never reached {missing}")
+            raise UserError(f"the forward pass never reached {', '.join(missing)}: they do not run on text input (a "
+                            "vision tower?); pick modules of the language model")
         return self.out
 
     def remove(self) -> None:

@@ -102,9 +102,11 @@ def test_hookpoints_of_flattened_token_rows(tmp_path, tiny_text_dir):
                     word_embed_proj_dim=16, max_position_embeddings=512)
     OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
     byte_tokenizer().save_pretrained(tmp_path / "opt")
-    store = run(tmp_path, tmp_path / "opt", tiny_text_dir, hookpoints=["*.layers.*.fc1", "*.layers.1.self_attn"],
+    store = run(tmp_path, tmp_path / "opt", tiny_text_dir, hookpoints=["*.layers.*.fc1", "*.layers.1.self_attn", "*.layers.1"],
                 dtype="float32")
-    assert store.layers == ["model.decoder.layers.0.fc1", "model.decoder.layers.1.self_attn", "model.decoder.layers.1.fc1"]
+    # In module order (a block before its submodules), not in the order the hooks fire.
+    assert store.layers == ["model.decoder.layers.0.fc1", "model.decoder.layers.1", "model.decoder.layers.1.self_attn",
+                            "model.decoder.layers.1.fc1"]
     assert store.read("model.decoder.layers.0.fc1", 0, 4).shape == (4, 32)
     assert_module_outputs(store, tmp_path / "opt")
 
@@ -479,3 +481,12 @@ def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_te
         Sae(16, SaeConfig(num_latents=32, k=4)).save_to_disk(tmp_path / "saes" / name)
     assert list(Sae.load_many(tmp_path / "saes", local=True, layers="layer_1")) == ["layer_1"]  # not "l", "a", ...
     assert list(Sae.load_many(tmp_path / "saes", local=True, layers=0)) == ["layer_0"]
+
+
+def test_a_hookpoint_the_forward_pass_never_runs_is_named(tiny_model):
+    from actcache.hooks import Capture
+
+    tiny_model.model.vision_head = torch.nn.Linear(16, 16)  # a module text input never runs, as a vision tower
+    capture = Capture(tiny_model, hookpoints=["model.vision_head"])
+    with pytest.raises(UserError, match=r"^the forward pass never reached model.vision_head: they do not run on text"):
+        capture(torch.zeros(1, 8, dtype=torch.long))
