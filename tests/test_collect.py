@@ -457,12 +457,14 @@ def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, 
     orig = modeling_llama.LlamaDecoderLayer.forward
 
     def counting(self, *a, **k):
-        calls.append(self.self_attn.layer_idx)
+        calls.append((self.self_attn.layer_idx, (a[0] if a else k["hidden_states"]).shape[1]))
         return orig(self, *a, **k)
 
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", counting)
     run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1")
-    assert set(calls) == {0}, "layer 1 is the input of block 1: blocks 1-3 must not run"
+    assert {i for i, n in calls if n == CTX} == {0}, "layer 1 is the input of block 1: blocks 1-3 must not run"
+    # Besides: one 4-token pass through every block tells which layer convention the model's hidden_states follow.
+    assert sorted(i for i, n in calls if n != CTX) == [0, 1, 2, 3]
 
 
 def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_text_dir):
