@@ -39,7 +39,7 @@ from sae_core.store.writer import (
     lock_store,
 )
 
-from . import data
+from . import data, packing
 from .config import CollectConfig
 from .hooks import Capture, hidden_states_are_block_outputs, match_hookpoints
 
@@ -152,7 +152,7 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
     skip = -(-cfg.skip_tokens // cfg.ctx_len)
     count = None if cfg.max_tokens is None else -(-cfg.max_tokens // cfg.ctx_len)
     seed = None if cfg.seed is None or cfg.seed < 0 else cfg.seed  # as the CLI's negative --seed
-    seqs, total = data.window(docs, tokenizer, cfg.ctx_len, seed, skip, count)
+    seqs, total = packing.window(docs, tokenizer, cfg.ctx_len, seed, skip, count)
     if len(seqs) == 0:
         raise DataExhausted(
             f"--skip-tokens {cfg.skip_tokens:,} skips all {total * cfg.ctx_len:,} tokens of dataset {docs.id}; "
@@ -169,7 +169,7 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "first_sequence": skip,
         "num_sequences": int(len(seqs)),
         "packing": _packing(docs, seed, cfg.ctx_len),
-        "fingerprint": data.fingerprint(seqs),
+        "fingerprint": packing.fingerprint(seqs),
     }
     return seqs, meta
 
@@ -182,7 +182,7 @@ def _packing(docs: data.Documents, seed: int | None, ctx_len: int) -> str:
     else:
         how = (f"documents ({docs.cut})" if docs.cut else "documents") + f" {order}, joined by EOS"
     how += ", cut into ctx_len sequences (remainder dropped)"
-    return how if seed is None else how + f"; blocks of {data.shuffle_block(ctx_len)} sequences in seeded order"
+    return how if seed is None else how + f"; blocks of {packing.shuffle_block(ctx_len)} sequences in seeded order"
 
 
 def collect(cfg: CollectConfig) -> CollectResult:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import zarr
 
-from actcache import data
+from actcache import data, packing
 from actcache.config import CollectConfig
 from actcache.hooks import Capture
 from benchmarks._common import apply_omp_wait_policy, run_and_report
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
 def bench(args, device: torch.device, tmp: Path) -> dict:
     model, tokenizer = load_model(None, device=device)
     n_layers, d = num_layers(model), d_model(model)
-    seqs, _ = data.window(data.load_documents(None), tokenizer, args.ctx_len, 0, 0, math.ceil(args.tokens / args.ctx_len))
+    seqs, _ = packing.window(data.load_documents(None), tokenizer, args.ctx_len, 0, 0, math.ceil(args.tokens / args.ctx_len))
     tokens = seqs.size
     layout = plan_layout(num_sequences=len(seqs), ctx_len=args.ctx_len, bytes_per_token=d * 2,
                          seqs_per_shard=args.seqs_per_shard)
@@ -224,7 +224,7 @@ def bench(args, device: torch.device, tmp: Path) -> dict:
         runs.append(run_collect(args, tmp, i))
         print(f"  repeat {i}: bare {bare_s[-1]:.2f}s  bare blocks {blocks_s[-1]:.2f}s  collect loop {runs[-1]['loop_s']:.2f}s "
               f"(drain {runs[-1]['drain_s']:.2f}s)  collect total {runs[-1]['total_s']:.2f}s", flush=True)
-    if runs[0]["fingerprint"] != data.fingerprint(seqs) or runs[0]["tokens"] != tokens:
+    if runs[0]["fingerprint"] != packing.fingerprint(seqs) or runs[0]["tokens"] != tokens:
         raise SystemExit("collect saw different sequences than the bare pass; the comparison is void")
     med = {k: statistics.median(r[k] for r in runs) for k in ("loop_s", "drain_s", "total_s")}
     bare_tps = tokens / statistics.median(bare_s)

@@ -1,7 +1,7 @@
 """Preparing the data order: a window's cost against tokenizing and packing the whole dataset.
 
 `actcache collect --max-tokens W [--skip-tokens S]` needs the documents only up to the end of the
-window's last block (actcache/data.py), and the packed sequences of large data are cached, so
+window's last block (actcache/packing.py), and the packed sequences of large data are cached, so
 the next window continues where the last stopped. This times, on one text file made of `--copies`
 copies of the embedded Shakespeare (cut into ~256 KiB documents, as any large text file is):
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 def bench(args, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from actcache import data
+    from actcache import data, packing
     from sae_core.corpus import embedded_corpus_files
     from sae_core.models import convert_gguf, default_gguf_path
 
@@ -70,10 +70,10 @@ def bench(args, tmp: Path) -> dict:
             out = fn()
             return out, time.perf_counter() - t0
 
-        whole, t_whole = timed(lambda: data.pack(docs, tokenizer, args.ctx_len, args.seed))
+        whole, t_whole = timed(lambda: packing.pack(docs, tokenizer, args.ctx_len, args.seed))
         runs = {}
         for name, first in (("first window, cold", 0), ("second window", count), ("first window again", 0)):
-            seqs, seconds = timed(lambda first=first: data.window(docs, tokenizer, args.ctx_len, args.seed, first, count)[0])
+            seqs, seconds = timed(lambda first=first: packing.window(docs, tokenizer, args.ctx_len, args.seed, first, count)[0])
             runs[name] = seconds
         packed = len(os.listdir(tmp / "cache" / "packed")) if (tmp / "cache" / "packed").is_dir() else 0
     finally:

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actcache import CollectConfig, collect
-from actcache.data import Documents, pack
+from actcache.data import Documents
+from actcache.packing import pack
 from sae_core import UserError
 from sae_core.store import ActivationStore, verify_store
 from tests.conftest import TINY_TEXT, byte_tokenizer
@@ -153,11 +154,11 @@ def test_tokens_are_the_packed_documents_in_seeded_order(tmp_path, tiny_model_di
 def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
     """A window of the order tokenizes documents up to the end of its last block, and the cache
     continues packing where the last window stopped."""
-    from actcache import data
+    from actcache import packing
 
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "BLOCK_TOKENS", 4 * CTX)  # blocks of 4 sequences
-    monkeypatch.setattr(data, "TOKENIZE_BATCH", 2)
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", 4 * CTX)  # blocks of 4 sequences
+    monkeypatch.setattr(packing, "TOKENIZE_BATCH", 2)
     tok = byte_tokenizer()
     texts = [f"Document {i}. " + "word " * (7 * i % 23 + 3) for i in range(60)]
     fetched = []
@@ -168,25 +169,25 @@ def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
         d.fetch = lambda idx: fetched.extend(idx) or fetch(idx)
         return d
 
-    full, total = data.window(docs(None), tok, CTX, 5, 0, None)  # no content key: no cache
+    full, total = packing.window(docs(None), tok, CTX, 5, 0, None)  # no content key: no cache
     assert total == len(full) and len(set(fetched)) == 60
     # Independent of the window: consecutive slices of one order.
     fetched.clear()
-    a, _ = data.window(docs(), tok, CTX, 5, 0, 3)
+    a, _ = packing.window(docs(), tok, CTX, 5, 0, 3)
     first_docs = len(fetched)
     assert np.array_equal(a, full[:3]) and first_docs < 30
     # A crash between appending sequences and saving the state that counts them: the extra bytes are dropped.
     (folder,) = (tmp_path / "cache" / "packed").iterdir()
     with open(folder / "sequences.i32", "ab") as f:
         f.write(b"junk" * CTX * 3)
-    b, _ = data.window(docs(), tok, CTX, 5, 5, 6)
+    b, _ = packing.window(docs(), tok, CTX, 5, 5, 6)
     assert np.array_equal(b, full[5:11])
     assert len(fetched) == len(set(fetched)) < 60  # each document tokenized once, only as far as needed
-    c, total_c = data.window(docs(), tok, CTX, 5, len(full) - 2, 10)
+    c, total_c = packing.window(docs(), tok, CTX, 5, len(full) - 2, 10)
     assert np.array_equal(c, full[-2:]) and total_c == len(full)
-    empty, _ = data.window(docs(), tok, CTX, 5, len(full), 10)
+    empty, _ = packing.window(docs(), tok, CTX, 5, len(full), 10)
     assert len(empty) == 0 and sorted(fetched) == list(range(60))
-    assert data.window(docs(None), tok, CTX, 5, 0, 0)[0].shape == (0, CTX)
+    assert packing.window(docs(None), tok, CTX, 5, 0, 0)[0].shape == (0, CTX)
     assert (folder / "sequences.i32").stat().st_size == len(full) * CTX * 4
     # A new entry deletes those unused for CACHE_MAX_AGE_DAYS (using one counts: the folder's mtime).
     stale = folder.with_name("stale")
@@ -195,8 +196,8 @@ def test_windows_pack_only_the_documents_they_need(tmp_path, monkeypatch):
     old = time.time() - 40 * 86400
     os.utime(stale, (old, old))
     os.utime(folder, (old, old))
-    data.window(docs(), tok, CTX, 5, 0, 3)  # uses `folder`
-    data.window(docs("other"), tok, CTX, 5, 0, 3)  # a new entry
+    packing.window(docs(), tok, CTX, 5, 0, 3)  # uses `folder`
+    packing.window(docs("other"), tok, CTX, 5, 0, 3)  # a new entry
     assert not stale.exists() and folder.exists() and len(list(folder.parent.iterdir())) == 2
 
 
@@ -412,16 +413,16 @@ def test_pretokenized_dataset_saved_in_a_format(tmp_path, monkeypatch, fmt):
     """Rows of token ids that a saved dataset returns as arrays or tensors pack (and cache) as lists do."""
     import datasets
 
-    from actcache import data
+    from actcache import data, packing
 
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(packing, "CACHE_MIN_BYTES", 0)
     rows = [[(7 * i + j) % 250 for j in range(CTX + i % 5)] for i in range(12)]  # leave tokens pending
     datasets.Dataset.from_dict({"input_ids": rows}).save_to_disk(tmp_path / "plain")
     datasets.Dataset.from_dict({"input_ids": rows}).with_format(fmt).save_to_disk(tmp_path / fmt)
     tok = byte_tokenizer()
-    want, _ = data.window(data.load_documents(str(tmp_path / "plain")), tok, CTX, 1, 0, None)
-    got, _ = data.window(data.load_documents(str(tmp_path / fmt)), tok, CTX, 1, 0, None)
+    want, _ = packing.window(data.load_documents(str(tmp_path / "plain")), tok, CTX, 1, 0, None)
+    got, _ = packing.window(data.load_documents(str(tmp_path / fmt)), tok, CTX, 1, 0, None)
     assert np.array_equal(got, want) and len(want) == sum(map(len, rows)) // CTX
 
 
@@ -429,19 +430,19 @@ def test_packed_sequences_are_cached(tmp_path, tiny_model_dir, tiny_text_dir, mo
     """A second collection of the same data reads the packed sequences back; changed data is packed afresh."""
     import shutil
 
-    from actcache import data
+    from actcache import packing
 
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path / "cache"))
     texts = tmp_path / "texts"
     shutil.copytree(tiny_text_dir, texts)
     run(tmp_path, tiny_model_dir, texts, name="small.zarr", layers="0", seed=3)
     assert not (tmp_path / "cache" / "packed").exists()  # a few KB of text packs afresh each time
-    monkeypatch.setattr(data, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(packing, "CACHE_MIN_BYTES", 0)
     first = run(tmp_path, tiny_model_dir, texts, name="a.zarr", layers="0", seed=3)
     assert len(list((tmp_path / "cache" / "packed").iterdir())) == 1
     packs = []
-    real_pack = data._pack_more
-    monkeypatch.setattr(data, "_pack_more", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
+    real_pack = packing._pack_more
+    monkeypatch.setattr(packing, "_pack_more", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
     again = run(tmp_path, tiny_model_dir, texts, name="b.zarr", layers="0", seed=3, skip_tokens=CTX, max_tokens=2 * CTX)
     assert packs == [] and torch.equal(again.tokens(), first.tokens()[CTX : 3 * CTX])
     (texts / "doc1.txt").write_text("Something else entirely, and longer than before.\n" * 20)
