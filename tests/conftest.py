@@ -72,3 +72,17 @@ def tiny_text_dir(tmp_path_factory):
     for i, t in enumerate(TINY_TEXT):
         (path / f"doc{i}.txt").write_text(t)
     return path
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, tiny_model_dir):
+    """A float32 store of layers 0-3 of the tiny model (chunks of 32 tokens), one per test module (saetrain's tests)."""
+    data = tmp_path_factory.mktemp("fitdata")
+    for i in range(6):
+        (data / f"d{i}.txt").write_text("".join(TINY_TEXT[(i + j) % 4] for j in range(4)))
+    from actcache import CollectConfig, collect
+
+    out = tmp_path_factory.mktemp("fitstore") / "s.zarr"
+    collect(CollectConfig(out=out, model=str(tiny_model_dir), dataset=str(data), ctx_len=32, batch_size=4,
+                          seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False))
+    return out

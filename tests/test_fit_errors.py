@@ -1,0 +1,107 @@
+"""saetrain refusing what it cannot use (a damaged run, a damaged store, a bad environment), with every
+file as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from saetrain import fit
+from saetrain.cli import main
+from tests.test_fit import _tree, cfg, err
+
+
+def test_a_damaged_run_is_a_one_line_error_and_stays_as_it_was(capsys, store_path, tmp_path):
+    """A run folder damaged after the fact (a torn copy, a bad disk, a hand edit) is named, file by file,
+    by --resume, --init-from and evaluate, and nothing in it is changed by the refusal."""
+    good = tmp_path / "good"
+    fit(cfg(store_path, good, layers="1", max_tokens=2 * 64, holdout=0.1))
+    step = (good / "checkpoints" / "LATEST").read_text().strip()
+    ckpt = f"checkpoints/{step}"
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:100])
+
+    damages = {
+        "checkpoints/LATEST": (lambda p: p.write_text("../..\n"), "it names '../..', not a step_N folder"),
+        f"{ckpt}/state.json": (lambda p: p.unlink(), "No such file or directory"),
+        f"{ckpt}/state.json ": (lambda p: p.write_text('{"step": 2}'), "it lacks one of step, epoch, epoch_tokens"),
+        f"{ckpt}/layer_1/optimizer.safetensors": (truncate, "cannot be read ("),
+        f"{ckpt}/layer_1/sae.safetensors": (truncate, "cannot be read ("),
+        "config.json": (lambda p: p.write_text("{oops"), "cannot be read ("),
+        "config.json ": (lambda p: p.write_text("[1, 2]"), "cannot be read (not a JSON object)"),
+    }
+    for name, (damage, why) in damages.items():
+        run = tmp_path / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(good, run)
+        damage(run / name.strip())
+        before = _tree(run)
+        common = ["--store", store_path, "--layers", "1", "--max-tokens", 3 * 64, "--holdout", "0.1", "--k", 4,
+                  "--expansion-factor", 4, "--batch-size", 64, "--lr-warmup-steps", 5, "--shuffle-window", 4]
+        resume = err(capsys, *common, "--out", run, "--resume")
+        init = err(capsys, *common, "--out", tmp_path / "next", "--init-from", run)
+        assert why in resume and why in init, (name, resume, init)
+        fix = "restore it from a copy, or train that run again (--overwrite)"
+        assert resume.endswith(fix) and init.endswith(fix), (name, resume, init)
+        assert _tree(run) == before and not (tmp_path / "next").exists()
+        if name.startswith("config.json"):
+            with pytest.raises(SystemExit):
+                main(["evaluate", str(run)])
+            text = capsys.readouterr().err.strip()
+            assert text.startswith(f"error: {run / 'config.json'} cannot be read (") and len(text.splitlines()) == 1
+    # No checkpoint published (a crash before the first, or LATEST deleted): --resume starts over, and says so.
+    shutil.rmtree(run)
+    shutil.copytree(good, run)
+    (run / "checkpoints" / "LATEST").unlink()
+    res = fit(cfg(store_path, run, layers="1", max_tokens=2 * 64, holdout=0.1, resume=True))
+    assert res.steps == 2 and "has no checkpoint (LATEST names none): --resume trains it from the beginning" in (
+        capsys.readouterr().err)
+    fit(cfg(store_path, tmp_path / "fresh", layers="1", max_tokens=64, holdout=0.1, resume=True))
+    assert f"note: {tmp_path / 'fresh'} does not exist yet: --resume trains it from the beginning" in (
+        capsys.readouterr().err)
+    truncate(good / "layer_1" / "sae.safetensors")  # the published SAE
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(good)])
+    assert capsys.readouterr().err.strip().startswith(f"error: {good / 'layer_1' / 'sae.safetensors'} cannot be read (")
+    (tmp_path / "file").write_text("x")
+    assert f"--out {tmp_path / 'file' / 'run'} is under {tmp_path / 'file'}, a file" in err(
+        capsys, "--store", store_path, "--out", tmp_path / "file" / "run")
+
+
+def test_bad_environment_and_seed_are_refused_before_anything_is_written(capsys, store_path, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    base = ["--store", store_path, "--out", out, "--layers", "1"]
+    assert "--seed must be between -2**31 and 2**31 - 1, got 99999999999999999999" in err(
+        capsys, *base, "--seed", "99999999999999999999")
+    for value, message in [
+        ("bogus", "SAE_CORE_KERNELS='bogus' is not a backend; set it to torch or triton, or unset it"),
+        ("triton", "SAE_CORE_KERNELS=triton needs a CUDA device (this is cpu;"),
+    ]:
+        monkeypatch.setenv("SAE_CORE_KERNELS", value)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert message in err(capsys, *base)
+    monkeypatch.delenv("SAE_CORE_KERNELS")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert "WORLD_SIZE='abc' is not a number; launch with torchrun" in err(capsys, *base)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset: launch with torchrun" in err(capsys, *base)
+    assert not out.exists()
+
+
+def test_a_damaged_store_is_refused_before_overwrite_deletes_the_run(capsys, store_path, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg(store_path, run, layers="1", max_tokens=64))
+    before = _tree(run)
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store_path, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    rel = next(r for r in manifest["shards"]["3"]["files"] if "layer_1" in r)
+    (damaged / rel).write_bytes((damaged / rel).read_bytes()[:-10])
+    text = err(capsys, "--store", damaged, "--out", run, "--layers", "1", "--overwrite")
+    assert text.startswith(f"error: store {damaged}: shard 3 is damaged ({rel} has ") and "actcache verify --repair" in text
+    assert _tree(run) == before
