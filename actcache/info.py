@@ -17,6 +17,7 @@ def _disk_bytes(path: Path) -> int:
 
 def store_info(path: str | Path) -> dict:
     store = ActivationStore(path)
+    store.check_manifest()
     meta = store.meta
     files = [f for rec in store.manifest.shards.values() for f in rec.files.values()]
     data_bytes = sum(f["bytes"] for f in files)

@@ -148,6 +148,7 @@ def _fit(cfg: TrainConfig) -> FitResult:
     validate(cfg)
     store = ActivationStore(cfg.store)
     if store.num_tokens == 0:
+        store.check_manifest()
         raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
     rank, world = init_distributed()
     device = rank_device(cfg.device, rank, world)

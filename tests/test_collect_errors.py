@@ -180,6 +180,16 @@ def test_verify_reports_what_is_committed(capsys, store):
         cli(capsys, "info", store)
 
 
+def test_lost_manifest_is_named(capsys, store):
+    """A store whose manifest.json was deleted is refused by name, not reported as sound and empty."""
+    (store / "manifest.json").unlink()
+    n = sum(1 for p in store.glob("**/c/**/*") if p.is_file())
+    expected = (f"error: store {store}: manifest.json is missing, so none of its {n} shard file(s) counts as "
+                "committed; restore it from a copy or collect again with --overwrite")
+    for argv in (["verify", store], ["verify", store, "--repair"], ["info", store]):
+        assert cli(capsys, *argv).strip() == expected
+
+
 def test_corrupted_chunk(capsys, base, store):
     """A flipped byte fails the read; the error's advice works: verify sets the shard aside, --resume re-collects it."""
     shard = store / "layers" / "layer_2" / "c" / "0" / "0"

@@ -105,3 +105,7 @@ def test_a_damaged_store_is_refused_before_overwrite_deletes_the_run(capsys, sto
     text = err(capsys, "--store", damaged, "--out", run, "--layers", "1", "--overwrite")
     assert text.startswith(f"error: store {damaged}: shard 3 is damaged ({rel} has ") and "actcache verify --repair" in text
     assert _tree(run) == before
+    (damaged / "manifest.json").unlink()
+    text = err(capsys, "--store", damaged, "--out", run, "--layers", "1", "--overwrite")
+    assert text.startswith(f"error: store {damaged}: manifest.json is missing, so none of its ")
+    assert _tree(run) == before

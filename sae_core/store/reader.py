@@ -21,7 +21,7 @@ from .format import (
     store_state,
 )
 from .layout import StoreLayout
-from .manifest import Manifest, damaged_shards, read_manifests
+from .manifest import MANIFEST, Manifest, damaged_shards, manifest_files, read_manifests
 from .stats import RunningStats
 
 # What to do about a damaged committed shard: verify sets it aside, --resume re-collects it.
@@ -74,6 +74,14 @@ class ActivationStore:
         """Re-read the manifests (a collection may still be running)."""
         self.manifest: Manifest = read_manifests(self.path)
         self.__dict__.pop("_arrays", None)
+
+    def check_manifest(self) -> None:
+        """Refuse a store whose manifest files are all gone: `actcache collect` writes an empty one when it
+        creates the store, so none means the record of what is committed was deleted."""
+        if not manifest_files(self.path):
+            files = sum(1 for p in self.path.glob("**/c/**/*") if p.is_file())
+            raise UserError(f"store {self.path}: {MANIFEST} is missing, so none of its {files} shard file(s) counts "
+                            "as committed; restore it from a copy or collect again with --overwrite")
 
     # ------------------------------------------------------------------------- what is in it
     @property

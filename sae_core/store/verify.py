@@ -20,8 +20,10 @@ RECOLLECT_HINT = "run the same `actcache collect` command with --resume to re-co
 def verify_store(path: str | Path, *, set_aside: bool = False) -> list[str]:
     """Return a list of problems (empty when the store is sound); with `set_aside`, set bad shards
     aside, checking and uncommitting under the writer lock (no collection commits meanwhile)."""
+    store = ActivationStore(path)
+    store.check_manifest()
     if not set_aside:
-        return _report(_problems(ActivationStore(path)))
+        return _report(_problems(store))
     from .writer import consolidate_manifests, lock_store
 
     try:

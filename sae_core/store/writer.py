@@ -99,6 +99,8 @@ def create_store(path: Path, meta: dict, layout: StoreLayout, arrays: dict[str, 
         compressors=compressors(codec),
         fill_value=0,
     )
+    # An empty manifest: from now on a store without one has lost its commit record (`verify` says so).
+    Manifest().save(path, None)
     # Metadata last: a store whose creation crashed has only the mark and is created afresh.
     _write_root(path, {ATTRS_KEY: {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
                                    "layout": layout.to_dict()}})
