@@ -140,6 +140,12 @@ def _probe_widths(capture: Capture, model, device: torch.device, ctx_len: int) -
         ) from None
     for name, t in out.items():
         if t.dim() != 3 or tuple(t.shape[:2]) != (2, ctx_len):
+            if capture.layers:  # e.g. Gemma3n, whose blocks pass several streams (AltUp) stacked in front
+                raise UserError(
+                    f"the residual stream of this model has shape {tuple(t.shape)} for a batch of 2 x {ctx_len} "
+                    "tokens, not (batch, seq, d), so it has no one layer_L per block; store modules with one row "
+                    "per token instead (--hookpoints, e.g. the blocks' MLPs)"
+                )
             raise UserError(
                 f"{name} outputs shape {tuple(t.shape)} for a batch of 2 x {ctx_len} tokens, not (batch, seq, d); "
                 "store module outputs with one row per token"

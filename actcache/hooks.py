@@ -37,9 +37,18 @@ def match_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
     chosen = [n for n in names if any(fnmatch(n, p) for p in patterns)]
     for p in patterns:
         if not any(fnmatch(n, p) for n in names):
-            example = next((n for n in names if "layers.1." in n or ".1." in n), names[0])
-            raise UserError(f"hookpoint pattern {p!r} matches no module of the model; module paths look like {example!r}")
+            raise UserError(f"hookpoint pattern {p!r} matches no module of the model; module paths look like {_example_path(model, names)!r}")
     return chosen
+
+
+def _example_path(model: nn.Module, names: list[str]) -> str:
+    """A module path inside the language model's second block (not a vision tower's), to show the form."""
+    try:
+        blocks = decoder_blocks(model)
+        prefix = next(n for n, m in model.named_modules() if m is blocks) + ".1."
+        return next(n for n in names if n.startswith(prefix))
+    except Exception:  # noqa: BLE001 - no decoder blocks found: any numbered path
+        return next((n for n in names if ".1." in n), names[0])
 
 
 @torch.inference_mode()
@@ -77,6 +86,7 @@ class Capture:
         self.model = model
         self.out: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.layers = bool(layers)
         if layers:  # hidden_states[L]: block L's input, or its output where the model lists those (see above)
             blocks = decoder_blocks(model)
             self.names = [layer_key(L) for L in layers]

@@ -529,3 +529,44 @@ def test_a_refused_resume_leaves_nothing_behind(capsys, base, tmp_path, tiny_tex
         (empty / ".writer.lock").touch()
         main_ok(*base, "--layers", "0", flag, "--out", empty)
         assert ActivationStore(empty).complete
+
+
+def test_a_model_with_several_residual_streams_is_refused_for_layers(capsys, base, tmp_path, tiny_model_dir):
+    """Gemma3n's blocks pass its AltUp streams stacked, (streams, batch, seq, d): no layer_L to store, said so."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    config = Gemma3nTextConfig(
+        vocab_size=257, vocab_size_per_layer_input=257, hidden_size=16, hidden_size_per_layer_input=4,
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        laurel_rank=2, activation_sparsity_pattern=[0.0, 0.0], layer_types=["sliding_attention", "full_attention"],
+        num_kv_shared_layers=0, sliding_window=16, altup_num_inputs=2)
+    model = tmp_path / "gemma3n"
+    Gemma3nForCausalLM(config).save_pretrained(model)
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copy(f, model)
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "g.zarr"
+    assert cli(capsys, *base, "--model", model, "--layers", "1", "--out", out) == (
+        "error: the residual stream of this model has shape (2, 2, 32, 16) for a batch of 2 x 32 tokens, not "
+        "(batch, seq, d), so it has no one layer_L per block; store modules with one row per token instead "
+        "(--hookpoints, e.g. the blocks' MLPs)")
+    assert not out.exists()
+    main_ok(*base, "--model", model, "--hookpoints", "model.layers.*.mlp", "--out", out)
+    assert ActivationStore(out).layers == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_an_unmatched_hookpoint_is_shown_a_path_of_the_language_model():
+    """On a multimodal model the hint shows a path in the language model's blocks, not the vision tower's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from actcache.hooks import match_hookpoints
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with pytest.raises(UserError) as e:
+        match_hookpoints(model, ["model.layers.*.mlp"])
+    assert str(e.value) == ("hookpoint pattern 'model.layers.*.mlp' matches no module of the model; module paths look "
+                            "like 'model.language_model.layers.1.self_attn'")
