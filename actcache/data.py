@@ -316,6 +316,31 @@ def _datasets():
     return datasets
 
 
+@contextlib.contextmanager
+def _held_errors():
+    """Hold back what `datasets` logs at ERROR level meanwhile (a file it fails to parse, before it
+    raises a generic DatasetGenerationError): the caller's one-line error says it instead. Yields the
+    held messages."""
+    import logging
+
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            held.append(record.getMessage())
+            return False
+        return True
+
+    handlers = list(logging.getLogger("datasets").handlers)
+    for h in handlers:
+        h.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for h in handlers:
+            h.removeFilter(hold)
+
+
 def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, text_column: str, online: bool):
     """`datasets.load_dataset` of a Hub id; a dataset with a loading script (which datasets >= 4 no
     longer runs, and 3.x only with trust_remote_code) is read from its data files instead: those of
@@ -407,7 +432,7 @@ def load_documents(
     else:
         online, datasets = True, _datasets()
         try:
-            with offline_unless_reachable() as online:
+            with offline_unless_reachable() as online, _held_errors():
                 ds = _load_hub_dataset(datasets, dataset, config, split, text_column, online)
         except UserError:
             raise
@@ -432,11 +457,15 @@ def load_documents(
     source = str(path.resolve())
     if kind == "text":
         return _file_documents(source, files)
+    datasets = _datasets()
     try:
-        ds = _datasets().load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        with _held_errors() as held:
+            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
-        where = files[0] if len(files) == 1 else f"{len(files)} files under {path}"
-        raise UserError(f"cannot read {where} as {kind} ({first_line(e)}); check the data (empty? not UTF-8?)") from None
+        named = [m.group(1) for line in held if (m := re.search(r"file '(.+?)'", line))]
+        where = named[-1] if named else files[0] if len(files) == 1 else f"one of {len(files)} files under {path}"
+        raise UserError(f"cannot read {where} as {kind} ({first_line(e.__cause__ or e)}); check the data "
+                        "(empty? not UTF-8?)") from None
     return _from_table(ds, source, text_column)
 
 

@@ -72,6 +72,16 @@ def test_dataset_without_text_column(capsys, base, tmp_path):
     assert "has no column 'text'; its columns are content: pass --text-column NAME" in err
 
 
+def test_malformed_data_file_is_named_with_the_parser_error(capsys, base, tmp_path):
+    """The file and the parser's own words, on the one error line (datasets logs them before a generic error)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "data" / "b.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    assert cli(capsys, *base, "--dataset", tmp_path / "data") == (
+        f"error: cannot read {tmp_path / 'data' / 'b.jsonl'} as json (ArrowInvalid: JSON parse error: Invalid value. "
+        "in row 1); check the data (empty? not UTF-8?)")
+
+
 def test_text_column_option(base, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"content": "hello there, " * 20}) for i in range(5)))
