@@ -1,6 +1,18 @@
 """Stage 1: run a language model once and cache many layers' activations in a Zarr v3 store."""
 
-from .collect import CollectResult, DataExhausted, collect
-from .config import CollectConfig
+from typing import TYPE_CHECKING
 
-__all__ = ["CollectConfig", "CollectResult", "DataExhausted", "collect"]
+from sae_core.lazy import lazy_exports
+
+_EXPORTS = {"CollectResult": ".collect", "DataExhausted": ".collect", "collect": ".collect", "CollectConfig": ".config"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "CollectConfig",
+    "CollectResult",
+    "DataExhausted",
+    "collect",
+]
+
+if TYPE_CHECKING:
+    from .collect import CollectResult, DataExhausted, collect
+    from .config import CollectConfig

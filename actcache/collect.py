@@ -21,10 +21,10 @@ from sae_core.store import LAYER_CONVENTION, LAYER_CONVENTION_OUTPUTS, StoreLayo
 from sae_core.store.format import (
     LOCK_FILE,
     STORAGE_DTYPES,
-    TORCH_DTYPES,
     check_dtype,
     compressors,
     store_state,
+    torch_dtype,
 )
 from sae_core.store.layout import check_layout_options
 from sae_core.store.manifest import Manifest, damaged_shards, read_manifests
@@ -368,7 +368,7 @@ def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dic
 def _run(cfg, capture: Capture, writer: ShardWriter, seqs, layout: StoreLayout, shards, device, rank) -> int:
     from tqdm.auto import tqdm
 
-    storage = TORCH_DTYPES[cfg.dtype]
+    storage = torch_dtype(cfg.dtype)
     pin = device.type == "cuda"
     total = sum(len(layout.shard_tokens_range(s)) for s in shards)
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not cfg.progress or rank != 0, desc="collect")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a session that is lent a GPU. Prepare here (PyPI reachable) with
-# `bash benchmarks/gpu_wheels.sh`, then on the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# About 6-8 minutes on an H200 (the step limits add up to 580 s); `bash benchmarks/gpu_check.sh 2 5`
-# reruns only steps 2 and 5. The benchmarks save their JSON after each section, so a step stopped
+# `bash benchmarks/gpu_wheels.sh`, then on the device tool, in two calls (the machine stays warm
+# between them; a session has 15 device minutes, start-up included):
+#   run(command="bash benchmarks/gpu_check.sh 1 2", carry=[".whl"], timeout_s=330)    # the targets
+#   run(command="bash benchmarks/gpu_check.sh 3 4 5", carry=[".whl"], timeout_s=330)  # tiles, AuxK, CLIs
+# Steps 1-2 have limits adding up to 300 s, steps 3-5 to 295 s; with no argument all five run. The benchmarks save their JSON after each section, so a step stopped
 # at its limit keeps what it measured.
 # Needs torch, triton, transformers and safetensors, which the GPU machine has; the wheels in .whl/
 # (zarr and numcodecs for the store, eai-sparsify, what they import) are installed if carried.
@@ -31,19 +32,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step() { [[ " $STEPS " == *" $1 "* ]] && echo "== $1. $2 ($(date +%T))"; }
 if step 1 "kernels vs torch reference (compiled)"; then
-  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels_interpret.py 2>&1 | tee "$OUT/pytest.log" | tail -15
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels_interpret.py 2>&1 | tee "$OUT/pytest.log" | tail -15
 fi
 if step 2 "kernel benchmark"; then
   timeout 180 python3 -m benchmarks.kernels --out-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 fi
 if step 3 "tile sweep"; then
-  timeout 90 python3 -m benchmarks.kernels_tune --out-json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
+  timeout 120 python3 -m benchmarks.kernels_tune --out-json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
 fi
 if step 4 "AuxK, dense vs sparse"; then
-  timeout 60 python3 -m benchmarks.auxk --d-in 4096 --latents 131072 --k 192 --tokens 4096 --repeats 3 \
+  timeout 45 python3 -m benchmarks.auxk --d-in 4096 --latents 131072 --k 192 --tokens 4096 --repeats 3 \
     --dead-fracs 0.005,0.05,0.25,0.5,1.0 2>&1 | tee "$OUT/auxk.log"
 fi
 if step 5 "collect + fit on CUDA through the CLIs"; then
-  timeout 150 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
+  timeout 130 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
 fi
 echo "== done ($(date +%T))"

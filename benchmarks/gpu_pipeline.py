@@ -100,12 +100,12 @@ def make_corpus(path: Path, tokens: int, seed: int = 0) -> None:
         (path / f"doc{i:03d}.txt").write_text("".join(text))
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, str]:
-    """Run a CLI command (from the repository root), log its output; (wall time, stdout)."""
+def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run a CLI command (from the repository root) with `env` added, log its output; (wall time, stdout)."""
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path, **(env or {})})
     seconds = time.perf_counter() - t0
     log.write_text(proc.stdout + proc.stderr)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
@@ -143,12 +143,14 @@ def main(argv=None) -> int:
     runs = [(d, [py, "-m"], d) for d in dict.fromkeys([args.device, "cpu"])]
     if not args.no_torchrun:
         runs.append(("cpu x2", [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"], "cpu"))
+    # torchrun gives each rank 1 thread unless told: half the cores each
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
     fvu = {}
     for label, launcher, device in runs:
         tag = label.replace(":", "").replace(" ", "")
         out = work / f"run-{tag}"
         times[f"fit {label}"], _ = run([*launcher, "saetrain", "fit", *fit, "--device", device, "--out", str(out)],
-                                       work / f"fit-{tag}.log")
+                                       work / f"fit-{tag}.log", threads if "x2" in label else None)
         _, report = run([py, "-m", "saetrain", "evaluate", str(out), "--json"], work / f"evaluate-{tag}.log")
         fvu[label] = json.loads(report)  # {layer: held-out FVU}
 

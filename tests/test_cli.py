@@ -107,3 +107,29 @@ def test_a_permission_error_is_one_line(capsys):
         run_app(app, ["write", "/data/ro/acts.zarr"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         "error: permission denied to /data/ro/acts.zarr; make it writable by this user or choose another path")
+
+
+def test_help_and_usage_errors_do_not_wait_for_torch():
+    """The CLIs import torch (~5 s) only in a command's body: --help, a usage error, an early Ctrl-C need none of it,
+    while the packages still export their API (imported on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from actcache.cli import main as a\n"
+        "from saetrain.cli import main as s\n"
+        "for main, argv in ((a, ['collect', '--help']), (s, ['fit', '--k']), (a, ['verify', '--help'])):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "import sae_core, sae_core.store, actcache, saetrain\n"
+        "assert 'torch' not in sys.modules, 'torch imported by a package'\n"
+        "from sae_core import Sae, SaeConfig, load_model\n"
+        "from sae_core.store import ActivationStore\n"
+        "from actcache import collect, CollectConfig\n"
+        "from saetrain import fit, TrainConfig\n"
+        "assert actcache.collect is collect and 'torch' in sys.modules and 'Sae' in dir(sae_core)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the CLIs' --help needs none of it
+    import torch
 
 FORMAT_NAME = "actcache-store"
 FORMAT_VERSION = 1
@@ -31,7 +34,6 @@ LAYER_CONVENTION_OUTPUTS = "layer L = hidden_states[L], the output of block L (t
 
 # Logical dtype -> (dtype stored in zarr, bytes per element). Zarr has no bfloat16.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 CODECS = ("zstd", "blosc-zstd", "blosc-lz4", "gzip", "none")
 DEFAULT_CODEC = "zstd"
@@ -56,9 +58,18 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a logical dtype name (a key of STORAGE_DTYPES)."""
+    import torch
+
+    return getattr(torch, check_dtype(dtype))
+
+
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A CPU tensor in the logical dtype -> the numpy array written to zarr."""
-    x = x.to(TORCH_DTYPES[dtype])
+    import torch
+
+    x = x.to(torch_dtype(dtype))
     if dtype == "bfloat16":
         return x.view(torch.int16).numpy().view(np.uint16)
     return x.numpy()
@@ -66,6 +77,8 @@ def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     """The numpy array read from zarr -> a tensor in the logical dtype."""
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype == "bfloat16":
         return t.view(torch.bfloat16)  # same-size reinterpretation of the uint16 bits

@@ -14,11 +14,11 @@ from .format import (
     ATTRS_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
-    TORCH_DTYPES,
     array_path,
     from_storage,
     layer_key,
     store_state,
+    torch_dtype,
 )
 from .layout import StoreLayout
 from .manifest import MANIFEST, Manifest, damaged_shards, manifest_files, read_manifests
@@ -95,7 +95,7 @@ class ActivationStore:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype_name]
+        return torch_dtype(self.dtype_name)
 
     def d(self, layer: int | str) -> int:
         return self.meta["arrays"][self.resolve(layer)]["d"]
