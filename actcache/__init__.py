@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from sae_core.lazy import lazy_exports
 
-_EXPORTS = {"CollectResult": ".collect", "DataExhausted": ".collect", "collect": ".collect", "CollectConfig": ".config"}
+_EXPORTS = {"CollectResult": ".collection", "DataExhausted": ".collection", "collect": ".collection", "CollectConfig": ".config"}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "CollectConfig",
@@ -14,5 +14,5 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .collect import CollectResult, DataExhausted, collect
+    from .collection import CollectResult, DataExhausted, collect
     from .config import CollectConfig

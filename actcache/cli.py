@@ -49,7 +49,7 @@ def collect(
     progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc["progress"]),
 ) -> None:
     """Run the model over the data once and write the requested layers into a store."""
-    from .collect import collect as run
+    from .collection import collect as run
 
     points = [p.strip() for item in (hookpoints or []) for p in item.split(",") if p.strip()]
     if hookpoints is not None and not points:

@@ -10,7 +10,6 @@ Device-agnostic (`--device auto` picks CUDA when present). Ends with the command
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import shlex
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import zarr
 
+from actcache import collection as ac
 from actcache import data, packing
 from actcache.config import CollectConfig
 from actcache.hooks import Capture
@@ -37,8 +37,6 @@ from sae_core.store.format import compressors, to_storage
 from sae_core.store.stats import RunningStats
 
 MB = 1e6
-# The module, not the function `actcache.collect` that actcache/__init__.py re-exports under its name.
-ac = importlib.import_module("actcache.collect")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ else a temporary one of `--tokens` tokens), the same batches in the same order f
 
   store   `saetrain.loader.StoreLoader.batches` (background window reads, zstd decode, shuffle)
           feeding `saetrain.trainer.LayerTrainer`, the per-step code of `saetrain.trainer._train`
-          (lines 323-341: geometric-median b_dec on the first batch, `backward`, `step`);
+          (geometric-median b_dec on the first batch, `backward`, `step`);
   memory  the same loop over the same batches, read into a list beforehand: store / memory is
           what the loader costs (target >= 0.95);
   eai     EleutherAI's own `sparsify.Trainer.fit`, run in its own virtualenv (`--eai-python`)
@@ -90,7 +90,7 @@ def command_line(args: argparse.Namespace) -> str:
 def ensure_store(args: argparse.Namespace, tmp: Path) -> Path:
     path = args.store or tmp / "store.zarr"
     if not path.exists():
-        from actcache.collect import collect
+        from actcache.collection import collect
         from actcache.config import CollectConfig
 
         print(f"building {path}: layer {args.layer}, {args.tokens} tokens (about 500 tok/s on 2 cores)", flush=True)

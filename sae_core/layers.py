@@ -47,7 +47,10 @@ def _parse_spec(spec: str, num_layers: int) -> list[int]:
     if len(items) == 1 and items[0].lower() in ("all", "*"):
         return list(range(num_layers))
     if len(items) == 1 and items[0].lower().startswith("all:"):
-        items = [f"0-{num_layers - 1}:{items[0][4:]}"]
+        step = items[0][4:]
+        if not step.isdigit() or int(step) < 1:
+            raise UserError(f"malformed layer spec {spec!r}: the step after 'all:' must be a whole number >= 1; {_HELP}")
+        return list(range(0, num_layers, int(step)))
     layers: list[int] = []
     for item in items:
         m = _ITEM.match(item)

@@ -127,9 +127,12 @@ def test_help_and_usage_errors_do_not_wait_for_torch():
         "assert 'torch' not in sys.modules, 'torch imported by a package'\n"
         "from sae_core import Sae, SaeConfig, load_model\n"
         "from sae_core.store import ActivationStore\n"
+        "import actcache.collection, saetrain.trainer, sae_core.sae, sae_core.store.verify\n"
         "from actcache import collect, CollectConfig\n"
         "from saetrain import fit, TrainConfig\n"
         "assert actcache.collect is collect and 'torch' in sys.modules and 'Sae' in dir(sae_core)\n"
+        "for package in (sae_core, sae_core.store, actcache, saetrain):  # every export the thing, not a module\n"
+        "    assert not [n for n in package.__all__ if type(getattr(package, n)) is type(sys)], package\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

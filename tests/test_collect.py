@@ -91,6 +91,7 @@ def test_bf16_equals_hidden_states_rounded(tmp_path, tiny_model_dir, tiny_text_d
 def test_hookpoints_equal_module_outputs(tmp_path, tiny_model_dir, tiny_text_dir):
     store = run(tmp_path, tiny_model_dir, tiny_text_dir, hookpoints=["model.layers.*.mlp", "model.norm"], dtype="float32")
     assert store.layers == [f"model.layers.{i}.mlp" for i in range(4)] + ["model.norm"]
+    assert store.meta["layer_convention"].startswith("hookpoints: each array is the output of the module")
     assert_module_outputs(store, tiny_model_dir)
 
 
@@ -232,7 +233,7 @@ def test_large_text_files_are_cut_into_documents_at_blank_lines(tmp_path, monkey
     assert "\ufffd" not in "".join(b) and texts[-2:] == [small, paragraphs]
     assert docs.fetch([3]) == [a[3]]  # a piece reads alone
     # The store says so: a store of the same files from before they were cut resumes with "another data order".
-    from actcache.collect import prepare
+    from actcache.collection import prepare
 
     cfg = CollectConfig(out=tmp_path / "x.zarr", ctx_len=CTX)
     assert prepare(cfg, docs, byte_tokenizer())[1]["packing"].startswith(

@@ -567,7 +567,12 @@ def test_a_model_with_several_residual_streams_is_refused_for_layers(capsys, bas
 
 def test_an_unmatched_hookpoint_is_shown_a_path_of_the_language_model():
     """On a multimodal model the hint shows a path in the language model's blocks, not the vision tower's."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     from actcache.hooks import match_hookpoints
 

@@ -134,7 +134,7 @@ def test_bad_inputs(capsys, store_path, tmp_path):
     # A store with nothing committed.
     empty = tmp_path / "empty.zarr"
     shutil.copytree(store_path, empty)
-    (empty / "manifest.json").unlink()
+    (empty / "manifest.json").write_text('{"shards": {}}')
     assert "has no committed tokens" in err(capsys, "--store", empty, "--out", out)
     # An existing run needs --resume or --overwrite; a folder that is no run is refused outright.
     out.mkdir()

@@ -209,6 +209,17 @@ def test_resume_refuses_different_settings(store, runs, ref12):
     assert after == before, "a refused --resume must leave the run folder untouched"
 
 
+
+@pytest.mark.slow
+def test_a_refusal_under_torchrun_is_said_once(store, runs, ref12):
+    """Every rank refuses alike; the first rank says why, once, and torchrun exits non-zero."""
+    ref12.ok()
+    job = _start(runs, "refuse2", torchrun(2, "saetrain", fit_argv(store, runs[0] / "ref12", *REF12_ARGS, "--resume",
+                                                                    "--k", "8")))
+    assert job.wait() != 0, job.stderr
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "k differs" in errors[0], job.stderr
+
 # ------------------------------------------------------------------------ 2. torchrun --distribute-layers
 @pytest.mark.slow
 def test_distribute_layers_over_two_ranks_equals_single_process(runs, dist3, single3):

@@ -36,6 +36,8 @@ def test_specs(spec, expected):
         ("5-2", r"need start <= end"),
         ("0-10:0", r"step >= 1"),
         ("", r"malformed layer spec"),
+        ("all:0", r"malformed layer spec 'all:0': the step after 'all:' must be a whole number >= 1"),
+        ("all:x", r"malformed layer spec 'all:x': the step after"),
     ],
 )
 def test_bad_specs(spec, match):

@@ -31,6 +31,8 @@ LOCK_FILE = ".writer.lock"
 LAYER_CONVENTION = "layer L = hidden_states[L], the residual stream entering block L (0 = embeddings)"
 # Where a model's hidden_states hold block outputs only (Mamba, FalconMamba, RWKV: no embeddings entry).
 LAYER_CONVENTION_OUTPUTS = "layer L = hidden_states[L], the output of block L (this model's hidden_states have no embeddings entry)"
+# A store of --hookpoints: no layers, module outputs.
+HOOKPOINT_CONVENTION = "hookpoints: each array is the output of the module it is named after, one row per token"
 
 # Logical dtype -> (dtype stored in zarr, bytes per element). Zarr has no bfloat16.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}

@@ -19,6 +19,7 @@ from sae_core.errors import first_line, folder_contents
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, LAYER_CONVENTION_OUTPUTS, StoreLayout, plan_layout
 from sae_core.store.format import (
+    HOOKPOINT_CONVENTION,
     LOCK_FILE,
     STORAGE_DTYPES,
     check_dtype,
@@ -256,7 +257,8 @@ def _collect(cfg: CollectConfig) -> CollectResult:
     meta = {
         "model": _model_meta(cfg, model),
         "tokenizer": _path_or_id(getattr(tokenizer, "name_or_path", None)),
-        "layer_convention": LAYER_CONVENTION_OUTPUTS if block_outputs else LAYER_CONVENTION,
+        "layer_convention": (HOOKPOINT_CONVENTION if hookpoints else LAYER_CONVENTION_OUTPUTS if block_outputs
+                             else LAYER_CONVENTION),
         "layers": layers,
         "hookpoints": hookpoints,
         "arrays": {name: {"d": d, **({"layer": layers[i]} if layers else {})} for i, (name, d) in enumerate(widths.items())},
