@@ -14,8 +14,15 @@ import numpy as np
 import torch
 
 from sae_core import UserError, d_model, load_model, num_layers, parse_layers
-from sae_core.distributed import barrier, init_distributed, rank0_error, rank_device
-from sae_core.errors import first_line, folder_contents
+from sae_core.config import as_path
+from sae_core.distributed import (
+    alike_on_every_rank,
+    barrier,
+    init_distributed,
+    rank0_error,
+    rank_device,
+)
+from sae_core.errors import collective, first_line, folder_contents
 from sae_core.models import DEFAULT_MODEL_ID, text_config
 from sae_core.store import LAYER_CONVENTION, LAYER_CONVENTION_OUTPUTS, StoreLayout, plan_layout
 from sae_core.store.format import (
@@ -85,10 +92,10 @@ def _validate(cfg: CollectConfig) -> None:
     for flag, value in (("--out", cfg.out), ("--model", cfg.model), ("--dataset", cfg.dataset)):
         if value is not None and not str(value).strip():
             raise UserError(f"{flag} is empty; pass a path{'' if flag == '--out' else ' or Hub id, or leave it out for the default'}")
-    if cfg.revision is not None and cfg.model is not None and Path(cfg.model).expanduser().exists():
+    if cfg.revision is not None and cfg.model is not None and as_path(cfg.model).exists():
         raise UserError(f"--revision applies to Hub models, and {cfg.model} is a local path: drop it")
     out = Path(cfg.out)
-    data = Path(cfg.dataset).expanduser() if cfg.dataset else None
+    data = as_path(cfg.dataset) if cfg.dataset else None
     if data is not None and data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
         raise UserError(f"--out {out} is inside the dataset folder {cfg.dataset}, where the store would become data; "
                         "choose an --out outside it")
@@ -107,7 +114,7 @@ def _validate(cfg: CollectConfig) -> None:
 
 def _path_or_id(name: str | None) -> str | None:
     """A local path made absolute (`./m/` and `m` are one model), a Hub id as it is."""
-    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
+    return str(as_path(name).resolve()) if name and as_path(name).exists() else name
 
 
 def _model_meta(cfg: CollectConfig, model) -> dict:
@@ -224,36 +231,37 @@ def _report_interrupt(out: Path, overwrite: bool) -> None:
 
 def _collect(cfg: CollectConfig) -> CollectResult:
     t0 = time.perf_counter()
-    _validate(cfg)
-    rank, world = init_distributed()
-    device = rank_device(cfg.device, rank, world)
-    docs = data.load_documents(  # its errors come first
-        cfg.dataset, split=cfg.split, text_column=cfg.text_column, config=cfg.dataset_config
-    )
-    model, tokenizer = load_model(
-        cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
-        load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,
-    )
-    if cfg.hookpoints:
-        layers, hookpoints = None, match_hookpoints(model, cfg.hookpoints)
-    else:
-        layers, hookpoints = parse_layers("all" if cfg.layers is None else cfg.layers, num_layers(model)), None
-    block_outputs = layers is not None and hidden_states_are_block_outputs(model, device)
-    capture = Capture(model, layers=layers, hookpoints=hookpoints, block_outputs=block_outputs)
-    widths = _probe_widths(capture, model, device, cfg.ctx_len)
-    seqs, data_meta = prepare(cfg, docs, tokenizer)
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(seqs) and (top := int(seqs.max())) >= vocab:
-        raise UserError(
-            f"token id {top} in the data is outside the model's vocabulary ({vocab} embeddings); tokenize with "
-            "the model's own tokenizer"
+    with alike_on_every_rank():  # everything up to writing: each rank meets the same refusal
+        _validate(cfg)
+        rank, world = init_distributed()
+        device = rank_device(cfg.device, rank, world)
+        docs = data.load_documents(  # its errors come first
+            cfg.dataset, split=cfg.split, text_column=cfg.text_column, config=cfg.dataset_config
         )
+        model, tokenizer = load_model(
+            cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.model_dtype, device=device,
+            load_in_8bit=cfg.load_in_8bit, revision=cfg.revision,
+        )
+        if cfg.hookpoints:
+            layers, hookpoints = None, match_hookpoints(model, cfg.hookpoints)
+        else:
+            layers, hookpoints = parse_layers("all" if cfg.layers is None else cfg.layers, num_layers(model)), None
+        block_outputs = layers is not None and hidden_states_are_block_outputs(model, device)
+        capture = Capture(model, layers=layers, hookpoints=hookpoints, block_outputs=block_outputs)
+        widths = _probe_widths(capture, model, device, cfg.ctx_len)
+        seqs, data_meta = prepare(cfg, docs, tokenizer)
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(seqs) and (top := int(seqs.max())) >= vocab:
+            raise UserError(
+                f"token id {top} in the data is outside the model's vocabulary ({vocab} embeddings); tokenize with "
+                "the model's own tokenizer"
+            )
 
-    itemsize = np.dtype(STORAGE_DTYPES[cfg.dtype]).itemsize
-    layout = plan_layout(
-        num_sequences=len(seqs), ctx_len=cfg.ctx_len, bytes_per_token=max(widths.values()) * itemsize,
-        shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard, chunk_tokens=cfg.chunk_tokens,
-    )
+        itemsize = np.dtype(STORAGE_DTYPES[cfg.dtype]).itemsize
+        layout = plan_layout(
+            num_sequences=len(seqs), ctx_len=cfg.ctx_len, bytes_per_token=max(widths.values()) * itemsize,
+            shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard, chunk_tokens=cfg.chunk_tokens,
+        )
     meta = {
         "model": _model_meta(cfg, model),
         "tokenizer": _path_or_id(getattr(tokenizer, "name_or_path", None)),
@@ -279,7 +287,7 @@ def _collect(cfg: CollectConfig) -> CollectResult:
             error = str(e)
     error = rank0_error(error, world)
     if error:
-        raise UserError(error)
+        raise collective(UserError(error))
     try:
         return _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, world, t0)
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sae_core.config import check_fields
+from sae_core.layers import as_spec
 from sae_core.store import DEFAULT_CODEC
 
 
@@ -40,7 +42,7 @@ class CollectConfig:
     """Dtype the model runs in; default float32 on CPU, bfloat16 on CUDA."""
     load_in_8bit: bool = False
     """Load the model in 8-bit (bitsandbytes, CUDA only)."""
-    device: str = "auto"
+    device: str | None = "auto"
     """cpu, cuda, cuda:N or auto."""
     layers: str | None = None
     """Layer spec: 0-31, 0,4,8, 0-29:2 or all (layer L = hidden_states[L]); default all."""
@@ -66,3 +68,9 @@ class CollectConfig:
     """Threads compressing and writing shards; 0: 2 on CPU, up to 8 with a GPU (the forward pass then leaves the CPU free)."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        self.layers = as_spec(self.layers)
+        if isinstance(self.hookpoints, str) or self.hookpoints is None:  # one pattern, or none
+            self.hookpoints = [] if self.hookpoints is None else [self.hookpoints]
+        check_fields(self)

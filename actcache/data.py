@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sae_core import UserError
+from sae_core.config import as_path
 from sae_core.corpus import DEFAULT_CORPUS_ID, embedded_corpus_files
 from sae_core.errors import first_line
 from sae_core.models import cache_dir
@@ -317,13 +318,13 @@ def _datasets():
 
 
 @contextlib.contextmanager
-def _held_errors():
+def _held_errors(held: list[str]):
     """Hold back what `datasets` logs at ERROR level meanwhile (a file it fails to parse, before it
-    raises a generic DatasetGenerationError): the caller's one-line error says it instead. Yields the
-    held messages."""
+    raises a generic DatasetGenerationError): when the load fails, the caller's one-line error says it
+    (`_load_error`); when it succeeds, the lines are printed after all. Collects them in `held`."""
     import logging
 
-    held: list[str] = []
+    failed = False
 
     def hold(record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
@@ -335,10 +336,22 @@ def _held_errors():
     for h in handlers:
         h.addFilter(hold)
     try:
-        yield held
+        yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         for h in handlers:
             h.removeFilter(hold)
+        if not failed:
+            for line in held:
+                print(line, file=sys.stderr)
+
+
+def _load_error(e: BaseException, held: list[str]) -> tuple[str | None, str]:
+    """(the file datasets named while failing, if it did; the parser's own words) of a failed load."""
+    named = [m.group(1) for line in held if (m := re.search(r"(?:file|from) '(.+?)'", line))]
+    return (named[-1] if named else None), first_line(e.__cause__ or e)
 
 
 def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, text_column: str, online: bool):
@@ -403,7 +416,7 @@ def load_documents(
         if config is not None:
             raise UserError("--dataset-config applies to Hub datasets, and no --dataset was given: drop it")
         return _embedded()
-    path = Path(dataset).expanduser()
+    path = as_path(dataset)
     if config is not None and path.exists():
         raise UserError(f"--dataset-config applies to Hub datasets, and {dataset} is a local path: drop it")
     if path.is_file():
@@ -430,9 +443,9 @@ def load_documents(
     ):
         raise UserError(f"dataset path {dataset} does not exist; check the path")
     else:
-        online, datasets = True, _datasets()
+        online, datasets, held = True, _datasets(), []
         try:
-            with offline_unless_reachable() as online, _held_errors():
+            with offline_unless_reachable() as online, _held_errors(held):
                 ds = _load_hub_dataset(datasets, dataset, config, split, text_column, online)
         except UserError:
             raise
@@ -445,8 +458,10 @@ def load_documents(
                 problem = f"has no configuration {config!r}" if config else "has several configurations"
                 names = f" (one of {configs.group(1)})" if configs else ""
                 raise UserError(f"dataset {dataset!r} {problem}; pass --dataset-config NAME{names}") from None
+            named, why = _load_error(e, held)
             raise UserError(
-                f"cannot load dataset {dataset!r} (split {split!r}): {first_line(e)}; pass a local path or a cached Hub id"
+                f"cannot load dataset {dataset!r} (split {split!r}): {why}{f' in {named}' if named else ''}; pass a "
+                "local path or a cached Hub id"
             ) from None
         return _from_table(ds, dataset, text_column)
 
@@ -458,14 +473,14 @@ def load_documents(
     if kind == "text":
         return _file_documents(source, files)
     datasets = _datasets()
+    held: list[str] = []
     try:
-        with _held_errors() as held:
+        with _held_errors(held):
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, ragged rows...
-        named = [m.group(1) for line in held if (m := re.search(r"file '(.+?)'", line))]
-        where = named[-1] if named else files[0] if len(files) == 1 else f"one of {len(files)} files under {path}"
-        raise UserError(f"cannot read {where} as {kind} ({first_line(e.__cause__ or e)}); check the data "
-                        "(empty? not UTF-8?)") from None
+        named, why = _load_error(e, held)
+        where = named or (files[0] if len(files) == 1 else f"one of {len(files)} files under {path}")
+        raise UserError(f"cannot read {where} as {kind} ({why}); check the data (empty? not UTF-8?)") from None
     return _from_table(ds, source, text_column)
 
 

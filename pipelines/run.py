@@ -24,6 +24,7 @@ from pathlib import Path
 
 from actcache import CollectConfig, DataExhausted, collect
 from sae_core import UserError
+from sae_core.config import as_path
 from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
@@ -42,7 +43,7 @@ def load_recipe(name: str) -> Recipe:
             f"unknown recipe {name!r}; pass one of {', '.join(sorted(PRESETS))}, or FILE.py:FUNCTION returning a "
             "pipelines.presets.Recipe"
         )
-    path = Path(file).expanduser()
+    path = as_path(file)
     if not path.is_file():
         raise UserError(f"recipe file {file} does not exist; check the path")
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)

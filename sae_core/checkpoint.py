@@ -17,7 +17,7 @@ from natsort import natsorted
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import SaeConfig
+from .config import SaeConfig, as_path
 from .errors import UserError, first_line
 from .models import resolve_device
 from .sae import Sae
@@ -63,7 +63,7 @@ def save_sae(sae: Sae, path: str | Path) -> None:
     if sae.W_dec is None:
         raise UserError("this SAE was loaded with decoder=False, so its checkpoint would lack W_dec; "
                         "reload it with decoder=True to save it")
-    path = Path(path)
+    path = as_path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
     save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -156,9 +156,15 @@ def load_sae(
     dtype: torch.dtype | None = None,
     decoder: bool = True,
 ) -> Sae:
-    """Load a folder in EleutherAI's layout; `dtype=None` keeps the stored dtype (fp32 or bf16)."""
-    path = Path(path)
+    """Load a folder in EleutherAI's layout; `dtype=None` keeps the stored dtype (fp32 or bf16); a
+    dtype may also be named (`"bfloat16"`)."""
+    path = as_path(path)
     device = resolve_device(device)
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise UserError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.bfloat16 or 'float32'")
+        dtype = named
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"SAE folder {path} {what}; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
@@ -197,8 +203,8 @@ def load_sae(
                 )
             tensors[name] = t
     dtype = dtype or tensors["encoder.weight"].dtype
-    if dtype.is_floating_point is False:
-        raise UserError(f"{weights}: tensors must be floating point, got {dtype}")
+    if not dtype.is_floating_point:
+        raise UserError(f"{weights}: an SAE's dtype must be floating point, got {dtype}")
 
     # Build on the meta device (no random init of a large matrix), then adopt the loaded tensors.
     sae = Sae(d_in, cfg, device="meta", dtype=dtype, decoder=decoder)
@@ -215,7 +221,7 @@ def load_many_local(
     dtype: torch.dtype | None = None,
     decoder: bool = True,
 ) -> dict[str, Sae]:
-    root = Path(root).expanduser()
+    root = as_path(root)
     if not root.is_dir():
         raise UserError(f"folder {root} does not exist; pass a folder of SAE folders (e.g. runs/NAME)")
     available = sae_folders(root)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, several_ranks
 
 
 def make_app(help: str) -> typer.Typer:
@@ -50,22 +50,23 @@ _NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpEr
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; a `UserError` or a usage error (an unknown option, a value of the wrong type)
-    becomes `error: <message>` on stderr (under torchrun, from each node's first rank) and exit code 2;
-    Ctrl-C exits with 130."""
+    becomes `error: <message>` on stderr and exit code 2; Ctrl-C exits with 130."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     for i, arg in enumerate(args):  # a path option given "" would mean the current folder
         name, eq, value = arg.partition("=")
         if name.startswith("--") and ((eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip())):
             print(f"error: {name} is empty; pass a value, or leave the option out", file=sys.stderr)
             raise SystemExit(2)
-    # Under torchrun every rank checks its input alike and refuses together (see sae_core.distributed):
-    # the first rank of each node says why, the others exit quietly.
-    say = os.environ.get("LOCAL_RANK", "0") == "0"
+    # Under torchrun a refusal every rank reaches together (a usage error, a `collective` one) is said by
+    # the first rank of each node; any other error by the rank that met it, which it names.
+    ranks = several_ranks()
+    first = not ranks or os.environ.get("LOCAL_RANK", "0") == "0"
+    prefix = f"error (rank {os.environ['RANK']}): " if ranks and os.environ.get("RANK", "0") != "0" else "error: "
     try:
         code = app(args=join_multi_values(args), standalone_mode=False)
     except UserError as e:
-        if say:
-            print(f"error: {e}", file=sys.stderr)
+        if first or not getattr(e, "collective", False):
+            print(f"{prefix}{e}", file=sys.stderr)
         raise SystemExit(2) from None
     except _NoArgsIsHelp as e:  # the command alone: its help
         e.show()
@@ -73,8 +74,8 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     except _ClickException as e:
         ctx = getattr(e, "ctx", None)
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-        if say:
-            print(f"error: {e.format_message().rstrip('.')}{hint}", file=sys.stderr)
+        if first:
+            print(f"{prefix}{e.format_message().rstrip('.')}{hint}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except PermissionError as e:  # a read-only folder or file, wherever the command met it
         where = f" to {e.filename}" if e.filename else ""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, collective, several_ranks
 from .models import resolve_device
 
 
@@ -61,6 +62,18 @@ def any_error(error: str | None, world: int) -> str | None:
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)
     return error
+
+
+@contextlib.contextmanager
+def alike_on_every_rank():
+    """Checks whose outcome is the same on every rank (functions of the settings and of files all
+    ranks of a node see): a refusal in them is `collective` under torchrun (said once per node)."""
+    try:
+        yield
+    except UserError as e:
+        if several_ranks():
+            collective(e)
+        raise
 
 
 def rank0_error(error: str | None, world: int) -> str | None:

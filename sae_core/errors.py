@@ -1,8 +1,22 @@
-"""The one exception type the CLIs turn into a one-line error and exit code 2."""
+"""The exception the CLIs turn into a one-line error and exit code 2, and what goes with it."""
+
+import os
 
 
 class UserError(ValueError):
     """Bad input from the user: the message names the problem and the fix."""
+
+
+def several_ranks() -> bool:
+    """Whether this process is one of several ranks of a torchrun job (WORLD_SIZE > 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def collective(e: UserError) -> UserError:
+    """Mark `e` as a refusal every rank of a torchrun job meets alike, with one message (see
+    `sae_core.distributed`): the CLIs print it from the first rank of each node only."""
+    e.collective = True
+    return e
 
 
 def folder_contents(names: list[str]) -> str:

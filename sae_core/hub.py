@@ -25,6 +25,7 @@ from .checkpoint import (
     sae_folders,
     select_folders,
 )
+from .config import as_path
 from .errors import UserError, first_line
 from .online import not_cached
 from .sae import Sae
@@ -38,7 +39,7 @@ def local_folder(name: str | Path) -> Path | None:
     does not exist is refused here rather than sent to the Hub as a repo id.
     """
     text = str(name)
-    path = Path(text).expanduser()
+    path = as_path(text)
     if path.is_dir():
         return path
     if path.exists():
@@ -65,8 +66,9 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
     except RevisionNotFoundError:
         raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}; check the branch, tag or commit") from None
     except LocalEntryNotFoundError:
-        folders = " or ".join(sorted({p.split("/")[0] for p in allow_patterns if "/" in p})) or "the SAE"
-        raise UserError(not_cached(f"{folders} of {repo_id!r}")) from None
+        folders = " or ".join(sorted({p.split("/")[0] for p in allow_patterns if "/" in p} - {"*"}))
+        what = f"{folders} of {repo_id!r}" if folders else f"Hub repo {repo_id!r}"
+        raise UserError(f"{not_cached(what)} (nor is {repo_id} a local folder)") from None
 
 
 def _cached_repo_files(repo_id: str, revision: str | None) -> list[str] | None:

@@ -6,6 +6,7 @@ of the embedding). Valid layers are `0 .. num_layers - 1`.
 
 from __future__ import annotations
 
+import numbers
 import re
 
 from .errors import UserError
@@ -33,6 +34,18 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> list[int]:
             f"(layer L is the residual stream entering block L); {_HELP}"
         )
     return sorted(set(layers))
+
+
+def as_spec(layers: str | int | list | tuple | None) -> str | None:
+    """A layer spec from Python's other spellings of it: `3` -> `"3"`, `[0, 4, "layer_8"]` -> `"0,4,layer_8"`."""
+    def item(x) -> bool:
+        return isinstance(x, (numbers.Integral, str)) and not isinstance(x, bool)
+
+    if item(layers) and not isinstance(layers, str):
+        return str(int(layers))
+    if isinstance(layers, (list, tuple)) and all(item(x) for x in layers):
+        return ",".join(x if isinstance(x, str) else str(int(x)) for x in layers)
+    return layers
 
 
 def spec_items(spec: str) -> list[str]:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .config import as_path
 from .errors import UserError, first_line
 from .online import not_cached, offline_unless_reachable
 
@@ -129,7 +130,7 @@ def _locate(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str |
             name_or_path = gguf_file
         else:
             return str(convert_gguf(default_gguf_path())), None
-    path = Path(name_or_path).expanduser()
+    path = as_path(name_or_path)
     if name_or_path.endswith(".gguf") or (gguf_file and path.is_dir()):
         gguf = path if name_or_path.endswith(".gguf") else path / gguf_file
         if not gguf.is_file():

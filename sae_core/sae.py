@@ -10,6 +10,7 @@ Parameter names match EleutherAI's `sae.safetensors`: `encoder.weight (num_laten
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +63,10 @@ class ForwardOutput(NamedTuple):
     """FVU when decoding the top 4k latents (0 unless `cfg.multi_topk`)."""
 
 
+def _sum_squares(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).pow(2).sum()
+
+
 class Sae(nn.Module):
     def __init__(
         self,
@@ -73,8 +78,9 @@ class Sae(nn.Module):
         decoder: bool = True,
     ):
         super().__init__()
-        if d_in < 1:
-            raise ValueError(f"d_in must be positive, got {d_in}")
+        if isinstance(d_in, bool) or not isinstance(d_in, numbers.Integral) or d_in < 1:
+            raise UserError(f"d_in must be a positive whole number, got {d_in!r}")
+        d_in = int(d_in)
         self.cfg = cfg
         self.d_in = d_in
         self.num_latents = cfg.resolve_num_latents(d_in)
@@ -105,6 +111,7 @@ class Sae(nn.Module):
     # ----------------------------------------------------------------------------------- math
     def pre_acts(self, x: Tensor) -> Tensor:
         """ReLU of the encoder applied to `x - b_dec`, `(..., num_latents)`."""
+        self._check_input(x)
         return self._pre_acts(x, _Reads())
 
     def _pre_acts(self, x: Tensor, reads: _Reads) -> Tensor:
@@ -127,7 +134,6 @@ class Sae(nn.Module):
 
     def encode(self, x: Tensor) -> EncoderOutput:
         """Top-k latents of `x`, any leading shape `(..., d_in)`."""
-        self._check_input(x)
         return self.select_topk(self.pre_acts(x))
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
@@ -157,9 +163,10 @@ class Sae(nn.Module):
         predict the residual `x - x_hat`, scaled down when fewer latents are dead.
 
         The losses are sums of squared errors over `total_variance`, by default `x`'s summed
-        squared deviation from its mean. A caller splitting a batch into micro-batches passes the
-        whole batch's, so that the micro-batches' losses add up to the batch's (and a micro-batch
-        of one token, which has no variance of its own, is no special case).
+        squared deviation from its mean over all tokens (every leading dimension). A caller splitting
+        a batch into micro-batches passes the whole batch's, so that the micro-batches' losses add up
+        to the batch's (and a micro-batch of one token, which has no variance of its own, is no
+        special case). The losses are summed in fp32 at least (an fp16 sum of squares overflows).
         """
         self._check_input(x)
         self._check_dead_mask(dead_mask, x)
@@ -175,24 +182,25 @@ class Sae(nn.Module):
         residual = x - sae_out
 
         # Denominator that puts every loss on the scale of the data's variance.
+        acc = torch.promote_types(x.dtype, torch.float32)
         if total_variance is None:
-            total_variance = (x - x.mean(0)).pow(2).sum()
-        total_variance = total_variance.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
-        fvu = residual.pow(2).sum() / total_variance
+            total_variance = (x.to(acc) - x.to(acc).mean(0)).pow(2).sum()
+        total_variance = torch.as_tensor(total_variance, dtype=acc, device=x.device).clamp_min(torch.finfo(acc).tiny)
+        fvu = _sum_squares(residual, acc) / total_variance
 
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if num_dead > 0:
             k_aux = max(self.d_in // 2, 1)
             scale = min(num_dead / k_aux, 1.0)
             residual_hat = self._auxk_decode(sae_in, pre_acts, dead_mask, num_dead, min(k_aux, num_dead), reads)
-            auxk_loss = scale * (residual_hat - residual.detach()).pow(2).sum() / total_variance
+            auxk_loss = scale * _sum_squares(residual_hat - residual.detach(), acc) / total_variance
         else:
             auxk_loss = fvu.new_tensor(0.0)
 
         if self.cfg.multi_topk:
             multi_k = min(4 * self.cfg.k, self.num_latents)
             multi_out = self._decode_sparse(*self._selected(sae_in, pre_acts, multi_k, reads), reads) + self.b_dec
-            multi_topk_fvu = (multi_out - x).pow(2).sum() / total_variance
+            multi_topk_fvu = _sum_squares(multi_out - x, acc) / total_variance
         else:
             multi_topk_fvu = fvu.new_tensor(0.0)
 
@@ -232,6 +240,9 @@ class Sae(nn.Module):
         return EncoderOutput(acts, indices)
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch tensor (..., d_in={self.d_in}), got {type(x).__name__}; "
+                            "convert it with torch.as_tensor")
         if x.dim() == 0 or x.shape[-1] != self.d_in:
             width = "is a scalar" if x.dim() == 0 else f"has last dimension {x.shape[-1]}"
             raise ValueError(

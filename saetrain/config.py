@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sae_core.config import check_fields
+from sae_core.layers import as_spec
+
 
 @dataclass
 class TrainConfig:
@@ -62,7 +65,7 @@ class TrainConfig:
     """Replace an existing run folder (a saetrain run or an empty folder; any other folder is refused)."""
     distribute_layers: bool = False
     """Under torchrun: give each rank a share of the layers instead of data parallelism."""
-    device: str = "auto"
+    device: str | None = "auto"
     """cpu, cuda, cuda:N or auto."""
     grad_clip: float = 1.0
     """Gradient-norm clipping per SAE (0 disables)."""
@@ -72,3 +75,8 @@ class TrainConfig:
     """Log to this Weights & Biases project (optional)."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        self.layers = as_spec(self.layers)
+        self.exclude_token_ids = [] if self.exclude_token_ids is None else self.exclude_token_ids
+        check_fields(self)

@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 
 from sae_core import Sae, SaeConfig, UserError
-from sae_core.distributed import any_error, barrier, init_distributed, rank_device
+from sae_core.distributed import (
+    alike_on_every_rank,
+    any_error,
+    barrier,
+    init_distributed,
+    rank_device,
+)
+from sae_core.errors import collective
 from sae_core.ops import forced_backend
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
@@ -145,52 +152,53 @@ def fit(cfg: TrainConfig) -> FitResult:
 
 def _fit(cfg: TrainConfig) -> FitResult:
     t0 = time.perf_counter()
-    validate(cfg)
-    store = ActivationStore(cfg.store)
-    if store.num_tokens == 0:
-        store.check_manifest()
-        raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
-    rank, world = init_distributed()
-    device = rank_device(cfg.device, rank, world)
-    forced_backend(device)  # SAE_CORE_KERNELS, checked before anything is written
-    if not store.complete and rank == 0:
-        print(f"note: {store.path} is incomplete ({store.num_tokens:,} of {store.layout.num_tokens:,} tokens "
-              "committed); training on the committed part", file=sys.stderr)
-    layers = select_layers(store, cfg.layers)
-    if cfg.exclude_first_tokens >= store.layout.ctx_len:
-        raise UserError(f"--exclude-first-tokens {cfg.exclude_first_tokens} drops every token: the store's sequences "
-                        f"have {store.layout.ctx_len}; lower it")
-    resolved = resolve_config(cfg, store, layers, world)
-    dp = world > 1 and not cfg.distribute_layers
-    train_count = len(store.committed_chunks()) - len(resolved["holdout_chunks"])
-    if cfg.holdout and rank == 0 and len(resolved["holdout_chunks"]) > 2 * cfg.holdout * len(store.committed_chunks()):
-        print(f"note: --holdout {cfg.holdout} holds out {len(resolved['holdout_chunks'])} of "
-              f"{len(store.committed_chunks())} chunks (whole chunks, at least one): "
-              f"{len(resolved['holdout_chunks']) / len(store.committed_chunks()):.0%} of the tokens", file=sys.stderr)
-    if dp and train_count < world:  # the same on every rank: all stop
-        raise UserError(
-            f"{store.path} has {train_count} training chunk(s) for {world} data-parallel ranks, and each rank "
-            "needs one; use --distribute-layers or fewer processes, or collect with smaller chunks "
-            "(actcache collect --chunk-tokens)"
-        )
-    out = Path(cfg.out)
-    init = _init_source(cfg, out, resolved) if cfg.init_from is not None else None
-    if init is not None:
-        resolved["init_from"] = {"run": str(cfg.init_from), **init[1]}
-    plan = None
-    if cfg.distribute_layers:
-        plan = plan_layers({n: resolved["d_in"][n] * resolved["num_latents_per_layer"][n] for n in layers}, world)
-    mine = plan[rank] if plan else layers
+    with alike_on_every_rank():  # settings, store and run folder: each rank meets the same refusal
+        validate(cfg)
+        store = ActivationStore(cfg.store)
+        if store.num_tokens == 0:
+            store.check_manifest()
+            raise UserError(f"store {store.path} has no committed tokens; run or finish `actcache collect` first")
+        rank, world = init_distributed()
+        device = rank_device(cfg.device, rank, world)
+        forced_backend(device)  # SAE_CORE_KERNELS, checked before anything is written
+        if not store.complete and rank == 0:
+            print(f"note: {store.path} is incomplete ({store.num_tokens:,} of {store.layout.num_tokens:,} tokens "
+                  "committed); training on the committed part", file=sys.stderr)
+        layers = select_layers(store, cfg.layers)
+        if cfg.exclude_first_tokens >= store.layout.ctx_len:
+            raise UserError(f"--exclude-first-tokens {cfg.exclude_first_tokens} drops every token: the store's sequences "
+                            f"have {store.layout.ctx_len}; lower it")
+        resolved = resolve_config(cfg, store, layers, world)
+        dp = world > 1 and not cfg.distribute_layers
+        train_count = len(store.committed_chunks()) - len(resolved["holdout_chunks"])
+        if cfg.holdout and rank == 0 and len(resolved["holdout_chunks"]) > 2 * cfg.holdout * len(store.committed_chunks()):
+            print(f"note: --holdout {cfg.holdout} holds out {len(resolved['holdout_chunks'])} of "
+                  f"{len(store.committed_chunks())} chunks (whole chunks, at least one): "
+                  f"{len(resolved['holdout_chunks']) / len(store.committed_chunks()):.0%} of the tokens", file=sys.stderr)
+        if dp and train_count < world:
+            raise UserError(
+                f"{store.path} has {train_count} training chunk(s) for {world} data-parallel ranks, and each rank "
+                "needs one; use --distribute-layers or fewer processes, or collect with smaller chunks "
+                "(actcache collect --chunk-tokens)"
+            )
+        out = Path(cfg.out)
+        init = _init_source(cfg, out, resolved) if cfg.init_from is not None else None
+        if init is not None:
+            resolved["init_from"] = {"run": str(cfg.init_from), **init[1]}
+        plan = None
+        if cfg.distribute_layers:
+            plan = plan_layers({n: resolved["d_in"][n] * resolved["num_latents_per_layer"][n] for n in layers}, world)
+        mine = plan[rank] if plan else layers
 
-    # Everything that can refuse the data is checked before the run folder is touched.
-    held = set(resolved["holdout_chunks"])
-    train_chunks = [c for c in store.committed_chunks() if c not in held]
-    loader = StoreLoader(
-        store, mine, train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
-        rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
-        exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
-    )
-    store.check_shard_files()
+        # Everything that can refuse the data is checked before the run folder is touched.
+        held = set(resolved["holdout_chunks"])
+        train_chunks = [c for c in store.committed_chunks() if c not in held]
+        loader = StoreLoader(
+            store, mine, train_chunks, seed=cfg.seed, window=cfg.shuffle_window,
+            rank=rank if dp else 0, world=world if dp else 1, exclude_first_tokens=cfg.exclude_first_tokens,
+            exclude_token_ids=cfg.exclude_token_ids, device=device, read_threads=cfg.read_threads,
+        )
+        store.check_shard_files()
     _refuse_together(lambda: _check_finite(store, mine, train_chunks, sorted(held), cfg), world)
     if _epoch_tokens(loader, 0, dp) < 2:
         raise UserError(f"the exclusions leave {loader.epoch_tokens(0)} training token(s) in {store.path}; "
@@ -208,7 +216,8 @@ def _fit(cfg: TrainConfig) -> FitResult:
     }
 
     # So is the checkpoint it starts from: a damaged one is refused with the run folder as it was.
-    state = _resume_state(cfg, out, resolved)
+    with alike_on_every_rank():
+        state = _resume_state(cfg, out, resolved)
     if cfg.resume and state is None and rank == 0:
         why = f"has no checkpoint ({ckpt.LATEST} names none)" if is_run(out) else "does not exist yet" if not out.exists() else ""
         if why:
@@ -237,7 +246,7 @@ def _refuse_together(check, world: int) -> None:
     except UserError as e:
         error = str(e)
     if error := any_error(error, world):
-        raise UserError(error)
+        raise collective(UserError(error))
 
 
 def _init_source(cfg: TrainConfig, out: Path, resolved: dict) -> tuple[Path | None, dict]:

@@ -196,6 +196,32 @@ def test_refuses_folder_of_saes(tmp_path):
         Sae.load_from_disk(tmp_path)
 
 
+def test_home_paths_and_named_dtypes(tmp_path, monkeypatch):
+    """`~` means the home folder when saving and loading (not a folder named `~`); a dtype may be named."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sae = Sae(D_IN, SaeConfig(expansion_factor=2, k=3))
+    sae.save_to_disk("~/saes/layer_3")
+    assert (tmp_path / "saes" / "layer_3" / "sae.safetensors").is_file() and not (tmp_path / "~").exists()
+    loaded = Sae.load_from_disk("~/saes/layer_3", dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.W_dec, sae.W_dec.bfloat16())
+    assert list(Sae.load_many("~/saes", local=True)) == ["layer_3"]
+    with pytest.raises(UserError, match="dtype 'float8' is not a torch dtype"):
+        Sae.load_from_disk("~/saes/layer_3", dtype="float8")
+    with pytest.raises(UserError, match="an SAE's dtype must be floating point, got torch.int32"):
+        Sae.load_from_disk("~/saes/layer_3", dtype="int32")
+
+
+@pytest.mark.parametrize("key, value, expected", [("k", "8", "SaeConfig.k must be a whole number, got '8'"),
+                                                  ("normalize_decoder", "yes", "SaeConfig.normalize_decoder must be True or False, got 'yes'"),
+                                                  ("multi_topk", 2, "SaeConfig.multi_topk must be True or False, got 2")])
+def test_refuses_cfg_values_of_the_wrong_type(tmp_path, key, value, expected):
+    folder = write_folder(tmp_path / "l", cfg={**PUBLISHED_CFG, key: value})
+    with pytest.raises(UserError, match=re.escape(f"{folder / 'cfg.json'}: {expected}")):
+        Sae.load_from_disk(folder)
+    assert Sae.load_from_disk(write_folder(tmp_path / "m", cfg={**PUBLISHED_CFG, "k": 192.0})).cfg.k == 192
+
+
 def test_refuses_cfg_without_d_in(tmp_path):
     cfg = {k: v for k, v in PUBLISHED_CFG.items() if k != "d_in"}
     with pytest.raises(UserError, match="has no 'd_in'"):

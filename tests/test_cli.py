@@ -136,3 +136,33 @@ def test_help_and_usage_errors_do_not_wait_for_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("env, is_collective, printed", [
+    ({}, True, "error: no"),                                                     # one process: always said
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True, "error: no"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, True, ""),              # said by rank 0
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False, "error (rank 1): no"),  # only this rank met it
+    ({"LOCAL_RANK": "1"}, True, "error: no"),                                    # a subprocess of a worker
+])
+def test_under_torchrun_a_refusal_all_ranks_meet_is_said_once(capsys, monkeypatch, env, is_collective, printed):
+    from sae_core.cli import make_app, run_app
+    from sae_core.errors import UserError, collective
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    app = make_app("test")
+
+    @app.command()
+    def refuse() -> None:
+        raise collective(UserError("no")) if is_collective else UserError("no")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    with pytest.raises(SystemExit) as e:
+        run_app(app, ["refuse"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == printed

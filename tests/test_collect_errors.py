@@ -585,3 +585,20 @@ def test_an_unmatched_hookpoint_is_shown_a_path_of_the_language_model():
         match_hookpoints(model, ["model.layers.*.mlp"])
     assert str(e.value) == ("hookpoint pattern 'model.layers.*.mlp' matches no module of the model; module paths look "
                             "like 'model.language_model.layers.1.self_attn'")
+
+
+def test_a_python_collect_config_is_checked_field_by_field(tmp_path, monkeypatch):
+    from actcache import CollectConfig
+
+    with pytest.raises(UserError, match=r"CollectConfig.ctx_len must be a whole number, got 32.5"):
+        CollectConfig(out=tmp_path / "s.zarr", ctx_len=32.5)
+    with pytest.raises(UserError, match=r"CollectConfig.out must be a non-empty path, got None"):
+        CollectConfig(out=None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = CollectConfig(out="~/s.zarr", layers=[0, 2], hookpoints="model.norm", max_tokens=1e3, seed=None)
+    assert (c.out, c.layers, c.hookpoints, c.max_tokens, c.seed) == (tmp_path / "s.zarr", "0,2", ["model.norm"], 1000, None)
+    import torch
+
+    c = CollectConfig(out=tmp_path / "t.zarr", model=tmp_path / "model", dataset=tmp_path / "data", hookpoints=None,
+                      model_dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert (c.model, c.dataset, c.hookpoints) == (str(tmp_path / "model"), str(tmp_path / "data"), [])

@@ -440,3 +440,29 @@ def test_half_model_float32_input(dtype):
         x.to(dtype).double().reshape(-1, D_IN), *(p.detach().double() for p in params(sae)), K
     )
     assert abs(out.fvu.item() - fvu.item()) < 0.05 * fvu.item() + 0.02
+
+
+def test_fp16_losses_do_not_overflow():
+    """The losses are summed in fp32: an fp16 sum of squares of a few thousand tokens passes 65504."""
+    torch.manual_seed(0)
+    sae = Sae(64, SaeConfig(expansion_factor=4, k=8), dtype=torch.float16)
+    x = 10 * torch.randn(4096, 64)
+    dead = torch.ones(sae.num_latents, dtype=torch.bool)
+    out = sae(x, dead)
+    assert out.fvu.dtype == torch.float32 and torch.isfinite(out.fvu) and torch.isfinite(out.auxk_loss)
+    _, fvu, _, _ = ref_forward(x.half().double(), *(p.detach().double() for p in params(sae)), 8)
+    assert abs(out.fvu.item() - fvu.item()) < 1e-2 * fvu.item()
+    # A total variance given as a number is the same as a tensor.
+    tv = float((x - x.mean(0)).pow(2).sum())
+    assert torch.allclose(sae(x, total_variance=tv).fvu, sae(x, total_variance=torch.tensor(tv)).fvu)
+
+
+def test_what_is_not_a_tensor_or_a_width_is_named():
+    sae = make_sae()
+    with pytest.raises(TypeError, match=rf"input must be a torch tensor \(\.\.\., d_in={D_IN}\), got ndarray"):
+        sae.encode(torch.randn(3, D_IN).numpy())
+    with pytest.raises(ValueError, match=f"has last dimension 5 but this SAE has d_in={D_IN}"):
+        sae.pre_acts(torch.randn(3, 5, dtype=F64))
+    for d_in in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"d_in must be a positive whole number, got {d_in!r}"):
+            Sae(d_in, SaeConfig())

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import as_path
 from ..errors import UserError
 from .format import (
     ATTRS_KEY,
@@ -39,7 +40,7 @@ class ActivationStore:
     def __init__(self, path: str | Path):
         import zarr
 
-        self.path = Path(path)
+        self.path = as_path(path)
         if not self.path.exists():
             raise UserError(f"store {self.path} does not exist; create it with `actcache collect --out {self.path}`")
         try:
@@ -78,8 +79,8 @@ class ActivationStore:
     def check_manifest(self) -> None:
         """Refuse a store whose manifest files are all gone: `actcache collect` writes an empty one when it
         creates the store, so none means the record of what is committed was deleted."""
-        if not manifest_files(self.path):
-            files = sum(1 for p in self.path.glob("**/c/**/*") if p.is_file())
+        files = 0 if manifest_files(self.path) else sum(1 for p in self.path.glob("**/c/**/*") if p.is_file())
+        if files:  # (none: an older actcache's store interrupted before its first commit, which wrote none)
             raise UserError(f"store {self.path}: {MANIFEST} is missing, so none of its {files} shard file(s) counts "
                             "as committed; restore it from a copy or collect again with --overwrite")
 
@@ -172,8 +173,9 @@ class ActivationStore:
             why = self.manifest.recollect.get(missing[0])
             raise UserError(
                 f"tokens [{start}, {stop}) include shard {missing[0]}, which is not committed"
-                + (f" (set aside by verification: {why})" if why else "")
-                + f"; finish the collection with `actcache collect --resume` (committed tokens: {self.num_tokens})"
+                + (f" (set aside by verification: {why}); finish the collection" if why else
+                   "; wait for a running collection to commit it (then `refresh()`), or finish it")
+                + f" with `actcache collect --resume` (committed tokens: {self.num_tokens})"
             )
 
     def check_shard_files(self) -> None:
