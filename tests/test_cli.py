@@ -131,6 +131,10 @@ def test_help_and_usage_errors_do_not_wait_for_torch():
         "from actcache import collect, CollectConfig\n"
         "from saetrain import fit, TrainConfig\n"
         "assert actcache.collect is collect and 'torch' in sys.modules and 'Sae' in dir(sae_core)\n"
+        "assert sae_core.models.load_model is load_model and saetrain.settings.validate  # submodules as attributes\n"
+        "try: sae_core.nothing\n"
+        "except AttributeError: pass\n"
+        "else: raise AssertionError('sae_core.nothing')\n"
         "for package in (sae_core, sae_core.store, actcache, saetrain):  # every export the thing, not a module\n"
         "    assert not [n for n in package.__all__ if type(getattr(package, n)) is type(sys)], package\n"
     )
