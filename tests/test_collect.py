@@ -494,3 +494,26 @@ def test_a_hookpoint_the_forward_pass_never_runs_is_named(tiny_model):
     capture = Capture(tiny_model, hookpoints=["model.vision_head"])
     with pytest.raises(UserError, match=r"^the forward pass never reached model.vision_head: they do not run on text"):
         capture(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_an_unmatched_hookpoint_is_shown_a_path_of_the_language_model():
+    """On a multimodal model the hint shows a path in the language model's blocks, not the vision tower's."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from actcache.hooks import match_hookpoints
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with pytest.raises(UserError) as e:
+        match_hookpoints(model, ["model.layers.*.mlp"])
+    assert str(e.value) == ("hookpoint pattern 'model.layers.*.mlp' matches no module of the model; module paths look "
+                            "like 'model.language_model.layers.1.self_attn'")
+

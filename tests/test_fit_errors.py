@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -111,27 +110,3 @@ def test_a_damaged_store_is_refused_before_overwrite_deletes_the_run(capsys, sto
     assert text.startswith(f"error: store {damaged}: manifest.json is missing, so none of its ")
     assert _tree(run) == before
 
-
-def test_a_python_config_is_checked_field_by_field(store_path, tmp_path):
-    """From Python, a value of the wrong type is named before anything runs; lossless spellings are taken
-    (`1e3` tokens, `[1, 2]` or `1` for layers, `~` in paths)."""
-    from sae_core import UserError
-    from saetrain import TrainConfig
-
-    for kw, expected in [(dict(k=4.5), "TrainConfig.k must be a whole number, got 4.5"),
-                         (dict(lr="1e-3"), "TrainConfig.lr must be a number or None, got '1e-3'"),
-                         (dict(exclude_token_ids=5), "TrainConfig.exclude_token_ids must be a list of whole numbers, got 5"),
-                         (dict(resume="yes"), "TrainConfig.resume must be True or False, got 'yes'"),
-                         (dict(init_from=""), "TrainConfig.init_from must be a non-empty path or None, got ''")]:
-        with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            cfg(store_path, tmp_path / "run", **kw)
-    assert not (tmp_path / "run").exists()
-    import numpy as np
-
-    c = TrainConfig(store=store_path, out="~/runs/a", layers=[1, np.int64(2)], batch_size=64.0, max_tokens=1e3,
-                    exclude_token_ids=None, device=None, resume=np.True_)
-    assert (c.out, c.layers, c.batch_size, c.max_tokens) == (Path.home() / "runs" / "a", "1,2", 64, 1000)
-    assert (c.exclude_token_ids, c.device, c.resume) == ([], None, True)
-    assert TrainConfig(store=store_path, out="r", exclude_token_ids=np.array([0, 5]), layers=np.int64(3)).layers == "3"
-    result = fit(cfg(store_path, tmp_path / "run", layers=1, max_tokens=64.0))
-    assert result.layers == ["layer_1"] and result.tokens == 64
