@@ -89,9 +89,9 @@ def _validate(cfg: CollectConfig) -> None:
         raise UserError("pass either --resume or --overwrite, not both")
     check_layout_options(shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard,
                          chunk_tokens=cfg.chunk_tokens)
-    for flag, value in (("--out", cfg.out), ("--model", cfg.model), ("--dataset", cfg.dataset)):
-        if value is not None and not str(value).strip():
-            raise UserError(f"{flag} is empty; pass a path{'' if flag == '--out' else ' or Hub id, or leave it out for the default'}")
+    for flag, value in (("--model", cfg.model), ("--dataset", cfg.dataset)):  # (an empty --out: CollectConfig refuses it)
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} is empty; pass a path or Hub id, or leave it out for the default")
     if cfg.revision is not None and cfg.model is not None and as_path(cfg.model).exists():
         raise UserError(f"--revision applies to Hub models, and {cfg.model} is a local path: drop it")
     out = Path(cfg.out)

@@ -144,9 +144,6 @@ def check_out(cfg: TrainConfig) -> None:
     `--overwrite` (and `--resume`) take only an empty folder or a saetrain run; the store is never
     the run folder, inside it or around it.
     """
-    for flag, value in (("--out", cfg.out), ("--store", cfg.store), ("--init-from", cfg.init_from)):
-        if value is not None and not str(value).strip():
-            raise UserError(f"{flag} is empty; pass a folder path")
     out, store = Path(cfg.out), Path(cfg.store)
     o, s = out.resolve(), store.resolve()
     if o == s or o in s.parents or s in o.parents:
