@@ -42,6 +42,7 @@ import shlex
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -68,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8192, help="tokens per batch")
     p.add_argument("--skew", type=float, default=0.0, help="power-law exponent of latent popularity (0: uniform)")
     p.add_argument("--straggler-skew", type=float, default=1.0,
-                   help="with --skew 0, also time scatter_rows on indices of this skew (0: skip): one program sums a "
-                        "latent's whole segment, so the most popular latent sets its pace")
+                   help="with --skew 0, also time scatter_rows on indices of this skew (0: skip), where one latent "
+                        "is in most tokens: split into pieces (the default) and summed whole by one program")
     p.add_argument("--min-time", type=float, default=0.25, help="seconds of repetitions per measurement (at least 3)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps per configuration")
     p.add_argument("--train-warmup", type=int, default=3, help="untimed training steps first")
@@ -279,11 +280,15 @@ def primitives(report: Report, name, cfg, tokens, dtype, args):
     if args.skew == 0 and args.straggler_skew > 0:
         skewed = sample_indices(N, L, k, args.straggler_skew, torch.Generator(device=DEVICE).manual_seed(args.seed + 1))
         longest = int(torch.bincount(skewed.reshape(-1), minlength=L).max())
-        ms = cuda_time(lambda: kernels.triton_scatter_rows(skewed, acts.float(), gy, L), mt)
-        report.timing(name, dtype, f"scatter_rows skew {args.straggler_skew:g}", "triton", ms, sparse_flops,
-                      min_traffic("scatter_rows", N, k, d, L, e))
-        report.records[-1]["longest_segment"] = longest
-        print(f"  (skew {args.straggler_skew:g}: the most selected latent is in {longest:,} of {N:,} tokens)")
+        # split: segments summed in pieces of SEGMENT_CHUNK (the default); whole: one program per segment
+        for impl, chunk in (("triton", kernels.SEGMENT_CHUNK), ("whole", N * k + 1)):
+            with mock.patch.object(kernels, "SEGMENT_CHUNK", chunk):
+                ms = cuda_time(lambda: kernels.triton_scatter_rows(skewed, acts.float(), gy, L), mt)
+            report.timing(name, dtype, f"scatter_rows skew {args.straggler_skew:g}", impl, ms, sparse_flops,
+                          min_traffic("scatter_rows", N, k, d, L, e))
+            report.records[-1]["longest_segment"] = longest
+        print(f"  (skew {args.straggler_skew:g}: the most selected latent is in {longest:,} of {N:,} tokens; "
+              f"'whole' sums each latent's segment in one program, 'triton' in pieces of {kernels.SEGMENT_CHUNK})")
 
     # the whole decoder, forward + backward (to acts and W_dec)
     acts_g = acts.clone().requires_grad_()

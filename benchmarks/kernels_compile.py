@@ -39,11 +39,13 @@ class Case:
     op: str  # gather_sum, gather_dot or scatter_rows (a key of sae_core.kernels.TILES)
     pointers: dict  # pointer argument -> Triton element type
     label: str  # the call site it stands for
+    stage: str = ""  # a second kernel of the op ("fixup": scatter_rows' sum of a long segment's pieces)
+    row_rank: int = 2  # the rank of the loads whose width counts (the rows; 1 where a program loads one row)
 
     @property
     def kernel(self) -> str:
         """The kernel's name in sae_core.kernels."""
-        return f"_{self.op}_kernel"
+        return f"_{self.op}{'_' + self.stage if self.stage else ''}_kernel"
 
 
 def cases() -> list[Case]:
@@ -56,13 +58,11 @@ def cases() -> list[Case]:
         out.append(Case("gather_dot", dict(idx_ptr="i64", W_ptr=dt, rows_ptr=dt, out_ptr=dt), f"W {dt}"))
         # decoder / encoder backward to the weights: fp32 weights (fp64 for fp64), rows in the SAE's dtype.
         acc = "fp64" if dt == "fp64" else "fp32"
-        out.append(
-            Case(
-                "scatter_rows",
-                dict(seg_ptr="i64", tok_ptr="i64", w_ptr=acc, rows_ptr=dt, out_ptr=acc),
-                f"rows {dt}",
-            )
-        )
+        scatter = dict(seg_ptr="i64", tok_ptr="i64", w_ptr=acc, rows_ptr=dt, out_ptr=acc)
+        out.append(Case("scatter_rows", scatter | dict(owner_ptr="i64", chunk_ptr="i64", partial_ptr=acc), f"rows {dt}"))
+        if dt in ("fp32", "fp64"):  # the fix-up sees only the accumulation dtype
+            fixup = dict(owner_ptr="i64", count_ptr="i64", partial_ptr=acc, out_ptr=acc)
+            out.append(Case("scatter_rows", fixup, f"out {acc}", stage="fixup", row_rank=1))
     # Under autocast: fp32 weights (activations, encoder gradients) gathering bf16 copies of W.
     out.append(Case("gather_sum", dict(idx_ptr="i64", w_ptr="fp32", W_ptr="bf16", out_ptr="bf16"), "w fp32 W bf16"))
     return out
@@ -97,8 +97,10 @@ def _launch(kernels, case: Case, tiles: dict | None) -> tuple[dict, dict]:
 
     cfg = kernels.launch_config(case.op, D, K, tiles)
     options = {k: cfg.pop(k) for k in ("num_warps", "enable_fp_fusion")}
+    if case.stage == "fixup":
+        options["num_warps"] = kernels._fixup_warps(cfg["BLOCK_D"])
     cfg["ACC"] = tl.float64 if "fp64" in case.pointers.values() else tl.float32
-    return cfg, options
+    return {k: v for k, v in cfg.items() if k in getattr(kernels, case.kernel).arg_names}, options
 
 
 def _tools_dir() -> Path:
@@ -123,8 +125,8 @@ def _resources(cubin: bytes) -> dict:
 _ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i32": 4, "i64": 8}
 
 
-def row_load_bytes(ttgir: str) -> int | None:
-    """Bytes each thread loads per instruction from the gathered rows: the narrowest 2-D load.
+def row_load_bytes(ttgir: str, rank: int = 2) -> int | None:
+    """Bytes each thread loads per instruction from the gathered rows: the narrowest load of `rank` dimensions.
 
     The gathered rows are the kernels' only 2-D loads (`tensor<BxDx!tt.ptr<T>, #layout>`), plain
     (`tt.load`) or, in a software-pipelined loop (STAGES > 1), asynchronous copies to shared
@@ -138,7 +140,8 @@ def row_load_bytes(ttgir: str) -> int | None:
     widths = [
         layouts[layout][-1] * _ELEM_BYTES[elem]
         for elem, layout in re.findall(
-            r"= (?:tt\.load|ttg\.async_copy_global_to_local) .*: tensor<\d+x\d+x!tt\.ptr<(\w+)>, #(\w+)>", ttgir
+            r"= (?:tt\.load|ttg\.async_copy_global_to_local) .*: tensor<" + r"\d+x" * rank + r"!tt\.ptr<(\w+)>, #(\w+)>",
+            ttgir,
         )
     ]
     return min(widths) if widths else None
@@ -178,7 +181,7 @@ def compile_case(case: Case, arch: int, aligned: bool, tiles: dict | None = None
     res.regs = usage.get("REG")
     res.local_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
     res.shared_bytes = max(usage.get("SHARED", 0), getattr(compiled.metadata, "shared", 0) or 0)
-    res.row_load = row_load_bytes(compiled.asm["ttgir"])
+    res.row_load = row_load_bytes(compiled.asm["ttgir"], case.row_rank)
     return res
 
 

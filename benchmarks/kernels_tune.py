@@ -7,7 +7,8 @@ of which compiles without spills (tests/test_kernels_compile.py), for bf16 (the 
 under autocast: the gathers read bf16 copies of the weights, and scatter_rows sums bf16 gradient
 rows) and fp32 (training without autocast; the encoder's scatter_rows sums fp32 inputs), and
 prints them fastest first with GB/s against the minimum traffic, the default marked, and the
-`TILES` entry to adopt.
+`TILES` entry to adopt; then the same for `SEGMENT_CHUNK`, the pieces `scatter_rows` sums a long
+segment in, on indices where a few latents are in most tokens (popularity ~ rank^-1).
 
     python -m benchmarks.kernels_tune [--shape llama3-8b] [--dtypes bf16,fp32] [--skew 0]
 
@@ -47,6 +48,11 @@ CANDIDATES = {
                              (16, 256, 2, 4), (16, 256, 3, 4), (8, 256, 2, 4), (8, 256, 3, 4)]
     ],
 }
+
+
+# Pieces scatter_rows sums a latent's segment in (sae_core.kernels.SEGMENT_CHUNK), timed on skewed
+# indices (a few latents in most tokens), where they matter; the default is added.
+CHUNKS = [64, 128, 256, 1024, 2048, 8192]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,7 +109,37 @@ def tune(cfg: dict, N: int, dname: str, args) -> list[dict]:
             records.append(dict(op=op, dtype=dname, tiling=tiling, ms=ms, gbps=nbytes / ms / 1e6))
         best, best_ms = results[0]
         print(f"  best: TILES[{op!r}] = {best}  ({default_ms / best_ms:.2f}x the default)")
+    records += tune_chunk(cfg, N, dname, acts, gy, args)
     return records
+
+
+def tune_chunk(cfg: dict, N: int, dname: str, acts, gy, args) -> list[dict]:
+    """Sweep SEGMENT_CHUNK for scatter_rows on indices of popularity ~ rank^-max(skew, 1)."""
+    from sae_core import kernels
+
+    d, L, k = cfg["d"], cfg["latents"], cfg["k"]
+    skew = max(args.skew, 1.0)
+    idx = bench.sample_indices(N, L, k, skew, torch.Generator(device=bench.DEVICE).manual_seed(args.seed + 1))
+    longest = int(torch.bincount(idx.reshape(-1), minlength=L).max())
+    nbytes = bench.min_traffic("scatter_rows", N, k, d, L, gy.element_size())
+    default = kernels.SEGMENT_CHUNK
+    results = []
+    try:
+        for chunk in [default] + [c for c in CHUNKS if c != default]:
+            kernels.SEGMENT_CHUNK = chunk
+            results.append((chunk, bench.cuda_time(lambda: kernels.triton_scatter_rows(idx, acts.float(), gy, L),
+                                                   args.min_time)))
+    finally:
+        kernels.SEGMENT_CHUNK = default
+    results.sort(key=lambda r: r[1])
+    default_ms = dict(results)[default]
+    print(f"\n== scatter_rows SEGMENT_CHUNK, {dname}, skew {skew:g} (the most selected latent in {longest:,} of {N:,} tokens)")
+    for chunk, ms in results:
+        mark = "  <- default" if chunk == default else ""
+        print(f"  {chunk:<64}{ms:9.3f} ms {nbytes / ms / 1e6:8.0f} GB/s {default_ms / ms:6.2f}x{mark}")
+    print(f"  best: SEGMENT_CHUNK = {results[0][0]}  ({default_ms / results[0][1]:.2f}x the default)")
+    return [dict(op="scatter_rows", dtype=dname, tiling=dict(SEGMENT_CHUNK=c), skew=skew, ms=ms, gbps=nbytes / ms / 1e6)
+            for c, ms in results]
 
 
 def main(argv=None) -> int:

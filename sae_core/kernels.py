@@ -14,7 +14,10 @@ With `indices` `(N, k)` selecting rows of a `(L, d)` matrix `W`:
   segment of each latent in that order is found with `searchsorted` (CSR offsets, the same as
   `cumsum(bincount)` but without the host sync CUDA's `bincount` makes), and one program per
   (latent, block of `d`) sums its segment and writes its output row once; latents no token
-  selected get zeros.
+  selected get zeros. A segment longer than `SEGMENT_CHUNK` entries (a latent many tokens
+  select) is summed in pieces: its first by the latent's program, the others by extra programs
+  into an fp32 buffer, which a second kernel adds to the row in order; so no program's work
+  grows with the batch, and the sum is still deterministic.
 
 All kernels accumulate in fp32 (fp64 when the output dtype is fp64, so `gradcheck` can run);
 inputs may be fp16, bf16, fp32 or fp64 and need not share a dtype (each is cast on load). Other
@@ -59,6 +62,11 @@ TILES = {
     # one latent x BLOCK_D of d per program, summing its segment BLOCK_S entries at a time
     "scatter_rows": dict(BLOCK_S=16, BLOCK_D=256, STAGES=1, num_warps=4),
 }
+
+# Entries of a latent's segment one scatter_rows program sums at most: a latent selected by many
+# tokens is split into pieces summed in parallel, then added in order (deterministic), so a few
+# popular latents do not leave one program running long after the others.
+SEGMENT_CHUNK = 512
 
 
 def launch_config(op: str, d: int, k: int, tiles: dict | None = None) -> dict:
@@ -120,14 +128,23 @@ def _gather_dot_kernel(
 
 @triton.jit
 def _scatter_rows_kernel(
-    seg_ptr, tok_ptr, w_ptr, rows_ptr, out_ptr, D, stride_rows, stride_out,
+    seg_ptr, tok_ptr, w_ptr, rows_ptr, out_ptr, owner_ptr, chunk_ptr, partial_ptr,
+    L, D, CHUNK, stride_rows, stride_out, stride_partial,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
+    # Programs 0..L-1 sum the first CHUNK entries of latent `pid`'s segment into out[pid]; program
+    # L + e sums chunk chunk[e] (>= 1) of latent owner[e] into partial[e] (owner[e] == L: no work).
+    pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    start = tl.load(seg_ptr + latent)
-    end = tl.load(seg_ptr + latent + 1)
+    extra = pid >= L
+    e = tl.where(extra, pid - L, 0)
+    latent = tl.where(extra, tl.load(owner_ptr + e, mask=extra, other=0), pid)
+    chunk = tl.where(extra, tl.load(chunk_ptr + e, mask=extra, other=0), 0)
+    valid = latent < L
+    latent = tl.where(valid, latent, 0)
+    start = tl.load(seg_ptr + latent) + chunk * CHUNK
+    end = tl.where(valid, tl.minimum(tl.load(seg_ptr + latent + 1), start + CHUNK), start)
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC)
     for s0 in tl.range(start, end, BLOCK_S, num_stages=STAGES):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -140,8 +157,31 @@ def _scatter_rows_kernel(
             other=0,
         ).to(ACC)
         acc += w[:, None] * r
-    out = out_ptr + latent * stride_out + offs_d
-    tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_d)
+    total = tl.sum(acc, axis=0)
+    # (scalar conditions enter the masks through the bound on d: the interpreter cannot AND a
+    # scalar bool with a vector)
+    out_d = tl.where(extra, 0, D)
+    partial_d = tl.where(extra & valid, D, 0)
+    tl.store(out_ptr + latent * stride_out + offs_d, total.to(out_ptr.dtype.element_ty), mask=offs_d < out_d)
+    tl.store(partial_ptr + e * stride_partial + offs_d, total, mask=offs_d < partial_d)
+
+
+@triton.jit
+def _scatter_rows_fixup_kernel(
+    owner_ptr, count_ptr, partial_ptr, out_ptr, D, stride_partial, stride_out,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program e adds partial[e], ..., partial[e + count[e] - 1] (the later chunks of latent
+    # owner[e], in order) to out[owner[e]]; count[e] is 0 but at a latent's first extra chunk.
+    e = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    count = tl.load(count_ptr + e)
+    mask = offs_d < tl.where(count > 0, D, 0)
+    out = out_ptr + tl.where(count > 0, tl.load(owner_ptr + e), 0) * stride_out + offs_d
+    acc = tl.load(out, mask=mask, other=0).to(ACC)
+    for c in tl.range(0, count):
+        acc += tl.load(partial_ptr + (e + c) * stride_partial + offs_d, mask=mask, other=0)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------- wrappers
@@ -250,10 +290,46 @@ def triton_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_late
     w_sorted = weights.reshape(-1)[order]
     bounds = torch.arange(num_latents + 1, device=indices.device, dtype=sorted_idx.dtype)
     segments = torch.searchsorted(sorted_idx, bounds)  # latent l owns [segments[l], segments[l + 1])
+    owner, chunk, count = _extra_chunks(segments, N * K, SEGMENT_CHUNK)
+    acc = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    partial = torch.empty(owner.numel(), D, dtype=acc, device=rows.device)
     cfg = launch_config("scatter_rows", D, K)
-    grid = (num_latents, triton.cdiv(D, cfg["BLOCK_D"]))
+    grid = (num_latents + owner.numel(), triton.cdiv(D, cfg["BLOCK_D"]))
     with _on(rows.device):
         _scatter_rows_kernel[grid](
-            segments, tokens, w_sorted, rows, out, D, rows.stride(0), out.stride(0), ACC=_acc(weights.dtype), **cfg
+            segments, tokens, w_sorted, rows, out, owner, chunk, partial, num_latents, D, SEGMENT_CHUNK,
+            rows.stride(0), out.stride(0), partial.stride(0), ACC=_acc(acc), **cfg,
         )
+        if owner.numel():
+            _scatter_rows_fixup_kernel[(owner.numel(), grid[1])](
+                owner, count, partial, out, D, partial.stride(0), out.stride(0), ACC=_acc(acc),
+                BLOCK_D=cfg["BLOCK_D"], num_warps=_fixup_warps(cfg["BLOCK_D"]), enable_fp_fusion=True,
+            )
     return out
+
+
+def _fixup_warps(block_d: int) -> int:
+    """Warps of the fix-up kernel: 4 fp32 of a row per thread (16-byte loads)."""
+    return max(1, min(8, block_d // 128))
+
+
+def _extra_chunks(segments: Tensor, entries: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces after the first of each latent's segment, as three int64 vectors of one length E.
+
+    Latent l's segment of `n` entries is summed in cdiv(n, chunk) pieces: the first by program l,
+    each other by an "extra" program. Extra e sums piece chunk[e] (>= 1) of latent owner[e]; a
+    latent's extras are consecutive, and count[e] is their number at the first of them (0
+    elsewhere). E = entries // chunk bounds the number of extras (the sum over latents of
+    (n - 1) // chunk is at most entries // chunk) without reading the segments back to the host;
+    unused extras have owner L and count 0.
+    """
+    L = segments.numel() - 1
+    extras = ((segments[1:] - segments[:-1]) - 1).clamp(min=0) // chunk
+    ends = torch.cumsum(extras, 0)  # latent l's extras are [ends[l] - extras[l], ends[l])
+    e = torch.arange(entries // chunk, device=segments.device)
+    owner = torch.searchsorted(ends, e, right=True)
+    used = owner < L
+    first = (ends - extras)[owner.clamp(max=L - 1)]
+    chunk_no = torch.where(used, e - first + 1, 0)
+    count = torch.where(used & (chunk_no == 1), extras[owner.clamp(max=L - 1)], 0)
+    return owner, chunk_no, count

@@ -156,6 +156,40 @@ def test_small_blocks(monkeypatch):
     close(kernels.triton_scatter_rows(idx, w, rows, L), Z.T @ rows.double(), torch.float32)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("wdt", [torch.float32, torch.float64, torch.float16], ids=lambda dt: str(dt)[6:])
+def test_scatter_rows_splits_long_segments(monkeypatch, chunk, wdt):
+    """A latent selected by many tokens is summed in pieces of SEGMENT_CHUNK entries, then added in order."""
+    monkeypatch.setattr(kernels, "SEGMENT_CHUNK", chunk)
+    N, k, L, d = 26, 3, 9, 20
+    idx, w, _, rows = make(N, k, L, d, 4, torch.float32, weights_dtype=wdt)
+    idx[:, 0] = 6  # latent 6 in every token (26 entries), latents 0-3 in about 13 each, 4, 5, 7, 8 in none
+    idx[:, 1] = torch.where(idx[:, 1] == 6, 5, idx[:, 1])
+    idx[3, 2] = 8  # latent 8 in one token: a single piece among split ones
+    out = kernels.triton_scatter_rows(idx, w, rows, L)
+    expected = dense_codes(idx, w, L).T @ rows.double()
+    # fp16 output: the first piece is rounded before the others are added to it
+    close(out, expected, wdt) if wdt != torch.float16 else torch.testing.assert_close(
+        out.double(), expected, rtol=4e-3, atol=1e-2)
+    assert (out[[4, 5, 7]] == 0).all()
+    assert torch.equal(out, kernels.triton_scatter_rows(idx, w, rows, L))  # deterministic
+    if wdt == torch.float64:
+        same(out, ops.torch_scatter_rows(idx, w, rows.double(), L))
+
+
+def test_extra_chunks_index_the_pieces():
+    """Which program sums which piece of which latent's segment (segments of 0, 5, 1, 0, 7 entries, pieces of 2)."""
+    lengths = torch.tensor([0, 5, 1, 0, 7])
+    segments = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(DEVICE)
+    owner, chunk, count = kernels._extra_chunks(segments, int(lengths.sum()), 2)
+    # latent 1: pieces 1, 2 after the first; latent 4: pieces 1, 2, 3; 13 // 2 = 6 slots, one unused
+    assert owner.tolist() == [1, 1, 4, 4, 4, 5]
+    assert chunk.tolist() == [1, 2, 1, 2, 3, 0]
+    assert count.tolist() == [2, 0, 3, 0, 0, 0]
+    owner, chunk, count = kernels._extra_chunks(segments, int(lengths.sum()), 512)
+    assert owner.numel() == chunk.numel() == count.numel() == 0
+
+
 def test_strided_and_int32_inputs():
     N, k, L, d = 19, 3, 12, 24
     idx, w, W, rows = make(N, k, L, d, L, torch.float32)
@@ -339,7 +373,8 @@ def test_kernel_benchmark_sections_run(monkeypatch, capsys):
             assert ("primitive", op, impl) in kinds
     assert {r["dead"] for r in report.records if r["kind"] == "train"} == {"0 dead latents", "32 dead latents"}
     assert all(r["tokens_per_s"] > 0 for r in report.records if r["kind"] == "train")
-    assert ("primitive", "scatter_rows skew 1", "triton") in kinds  # the straggler case
+    assert ("primitive", "scatter_rows skew 1", "triton") in kinds  # the straggler case, split
+    assert ("primitive", "scatter_rows skew 1", "whole") in kinds  # and summed whole
     assert "decoder fwd+bwd" in capsys.readouterr().out
 
 
@@ -349,15 +384,19 @@ def test_tile_sweep_runs_and_restores_the_defaults(monkeypatch, capsys):
     from benchmarks import kernels_tune
 
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
-    defaults = {op: dict(t) for op, t in kernels.TILES.items()}
+    defaults, chunk = {op: dict(t) for op, t in kernels.TILES.items()}, kernels.SEGMENT_CHUNK
+    monkeypatch.setattr(kernels_tune, "CHUNKS", [2, 8])  # segments of ~20 entries: split
     args = kernels_tune.parse_args(["--dtypes", "fp32", "--min-time", "0"])
     records = kernels_tune.tune(dict(d=24, latents=32, k=3), 20, "fp32", args)
-    assert kernels.TILES == defaults
+    assert kernels.TILES == defaults and kernels.SEGMENT_CHUNK == chunk
     for op, candidates in kernels_tune.CANDIDATES.items():
         tried = [r["tiling"] for r in records if r["op"] == op]
         assert defaults[op] in tried and all(c in tried for c in candidates)
         assert all(r["ms"] > 0 for r in records)
-    assert capsys.readouterr().out.count("best: TILES[") == 3
+    out = capsys.readouterr().out
+    assert out.count("best: TILES[") == 3 and out.count("best: SEGMENT_CHUNK = ") == 1
+    assert {r["tiling"]["SEGMENT_CHUNK"] for r in records if "SEGMENT_CHUNK" in r["tiling"]} == {
+        kernels.SEGMENT_CHUNK, *kernels_tune.CHUNKS}
 
     # Each candidate gives the reference's result (its masks cover tiles wider than d and k).
     idx, w, W, rows = make(20, 3, 32, 24, 32, torch.float32)
