@@ -16,8 +16,9 @@ With `indices` `(N, k)` selecting rows of a `(L, d)` matrix `W`:
   (latent, block of `d`) sums its segment and writes its output row once; latents no token
   selected get zeros. A segment longer than `SEGMENT_CHUNK` entries (a latent many tokens
   select) is summed in pieces: its first by the latent's program, the others by extra programs
-  into an fp32 buffer, which a second kernel adds to the row in order; so no program's work
-  grows with the batch, and the sum is still deterministic.
+  into an fp32 buffer (at most `PARTIAL_ELEMENTS`: pieces grow with very large batches), which
+  a second kernel adds to the row in order; so one popular latent no longer sets the kernel's
+  pace, and the sum is still deterministic.
 
 All kernels accumulate in fp32 (fp64 when the output dtype is fp64, so `gradcheck` can run);
 inputs may be fp16, bf16, fp32 or fp64 and need not share a dtype (each is cast on load). Other
@@ -65,8 +66,11 @@ TILES = {
 
 # Entries of a latent's segment one scatter_rows program sums at most: a latent selected by many
 # tokens is split into pieces summed in parallel, then added in order (deterministic), so a few
-# popular latents do not leave one program running long after the others.
+# popular latents do not leave one program running long after the others. The pieces' partial
+# sums go to a buffer sized for the worst case (tokens x k / chunk rows of d): pieces grow past
+# SEGMENT_CHUNK where that buffer would exceed PARTIAL_ELEMENTS (64 MB of fp32).
 SEGMENT_CHUNK = 512
+PARTIAL_ELEMENTS = 2**24
 
 
 def launch_config(op: str, d: int, k: int, tiles: dict | None = None) -> dict:
@@ -290,14 +294,15 @@ def triton_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_late
     w_sorted = weights.reshape(-1)[order]
     bounds = torch.arange(num_latents + 1, device=indices.device, dtype=sorted_idx.dtype)
     segments = torch.searchsorted(sorted_idx, bounds)  # latent l owns [segments[l], segments[l + 1])
-    owner, chunk, count = _extra_chunks(segments, N * K, SEGMENT_CHUNK)
+    piece = max(SEGMENT_CHUNK, triton.cdiv(N * K, max(1, PARTIAL_ELEMENTS // D)))
+    owner, chunk, count = _extra_chunks(segments, N * K, piece)
     acc = torch.float64 if weights.dtype == torch.float64 else torch.float32
     partial = torch.empty(owner.numel(), D, dtype=acc, device=rows.device)
     cfg = launch_config("scatter_rows", D, K)
     grid = (num_latents + owner.numel(), triton.cdiv(D, cfg["BLOCK_D"]))
     with _on(rows.device):
         _scatter_rows_kernel[grid](
-            segments, tokens, w_sorted, rows, out, owner, chunk, partial, num_latents, D, SEGMENT_CHUNK,
+            segments, tokens, w_sorted, rows, out, owner, chunk, partial, num_latents, D, piece,
             rows.stride(0), out.stride(0), partial.stride(0), ACC=_acc(acc), **cfg,
         )
         if owner.numel():

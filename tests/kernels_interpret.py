@@ -177,6 +177,19 @@ def test_scatter_rows_splits_long_segments(monkeypatch, chunk, wdt):
         same(out, ops.torch_scatter_rows(idx, w, rows.double(), L))
 
 
+def test_scatter_rows_pieces_grow_to_bound_the_buffer(monkeypatch):
+    """Where tokens x k / SEGMENT_CHUNK rows of partial sums would pass PARTIAL_ELEMENTS, pieces grow."""
+    N, k, L, d = 24, 2, 5, 20
+    idx, w, _, rows = make(N, k, L, d, 3, torch.float32)
+    monkeypatch.setattr(kernels, "SEGMENT_CHUNK", 2)
+    monkeypatch.setattr(kernels, "PARTIAL_ELEMENTS", 4 * d)  # room for 4 pieces of 12 entries, not 24 of 2
+    seen = []
+    real = kernels._extra_chunks
+    monkeypatch.setattr(kernels, "_extra_chunks", lambda seg, n, c: seen.append(c) or real(seg, n, c))
+    close(kernels.triton_scatter_rows(idx, w, rows, L), dense_codes(idx, w, L).T @ rows.double(), torch.float32)
+    assert seen == [12]
+
+
 def test_extra_chunks_index_the_pieces():
     """Which program sums which piece of which latent's segment (segments of 0, 5, 1, 0, 7 entries, pieces of 2)."""
     lengths = torch.tensor([0, 5, 1, 0, 7])
