@@ -226,6 +226,8 @@ def load_many_local(
         raise UserError(f"folder {root} does not exist; pass a folder of SAE folders (e.g. runs/NAME)")
     available = sae_folders(root)
     if not available:
+        if (root / CFG_NAME).is_file():
+            raise UserError(f"{root} is one SAE folder, not a folder of them: use Sae.load_from_disk({str(root)!r})")
         raise UserError(f"{root} holds no SAE folders (subfolders with {CFG_NAME})")
     names = select_folders(available, layers, pattern, where=str(root))
     return {n: load_sae(root / n, device=device, dtype=dtype, decoder=decoder) for n in names}

@@ -103,6 +103,9 @@ def evaluate(
     if not cfg["holdout_chunks"]:
         raise UserError(f"{run_dir} held out no chunks; train with --holdout FRACTION to evaluate")
     dev = resolve_device(device)
+    if store is None and not Path(cfg["store"]).exists():
+        raise UserError(f"the store {run_dir} was trained on, {cfg['store']}, does not exist (moved?); pass its "
+                        "new path or a copy of it with --store PATH")
     st = ActivationStore(store or cfg["store"])
     if (
         st.meta["data"]["fingerprint"] != cfg["store_fingerprint"]

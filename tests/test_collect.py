@@ -470,7 +470,7 @@ def test_early_exit_skips_later_blocks(tmp_path, tiny_model_dir, tiny_text_dir, 
 
 
 def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_text_dir):
-    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1", max_tokens=128)
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="0,1", max_tokens=384)  # 3 shards
     n = store.layout.num_chunks
     assert torch.equal(store.read_chunk(1, n - 1), store.read(1, store.layout.chunk_tokens_range(n - 1).start))
     with pytest.raises(UserError, match=rf"^chunk {n} is out of range: store .* has chunks 0-{n - 1}$"):
@@ -479,12 +479,37 @@ def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_te
         store.read_chunk(1, -1)
     with pytest.raises(UserError, match=r"^layer True is not a layer; pass a number \(3\) or an array name \('layer_0'\)"):
         store.read(True, 0, 4)  # True == 1 to Python: it read layer 1
+    assert torch.equal(store.read(torch.tensor(1), np.int64(2), torch.tensor(6)), store.read(1, 2, 6))
+    for call, what in ((lambda: store.read(1, 0.0, 4), "start"), (lambda: store.tokens(0, 3.5), "stop"),
+                       (lambda: store.read_chunk(1, 1.0), "chunk"), (lambda: store.read(1, "0"), "start")):
+        with pytest.raises(UserError, match=rf"^{what} must be an integer, got "):
+            call()
+    # stop=None reads to the end of the committed run start is in (shards 0 and 2 of 0-2 committed here)
+    st = store.layout.shard_tokens
+    del store.manifest.shards[1]
+    assert store.read(1).shape[0] == st and store.tokens(2 * st).shape[0] == store.layout.num_tokens - 2 * st
+    with pytest.raises(UserError, match=rf"^tokens \[{st + 1}, {st + 2}\) include shard 1, which is not committed"):
+        store.read(1, st + 1)
     from sae_core import Sae, SaeConfig
 
     for name in ("layer_0", "layer_1"):
         Sae(16, SaeConfig(num_latents=32, k=4)).save_to_disk(tmp_path / "saes" / name)
     assert list(Sae.load_many(tmp_path / "saes", local=True, layers="layer_1")) == ["layer_1"]  # not "l", "a", ...
     assert list(Sae.load_many(tmp_path / "saes", local=True, layers=0)) == ["layer_0"]
+    with pytest.raises(UserError, match=r"layer_0 is one SAE folder, not a folder of them: use Sae.load_from_disk\("):
+        Sae.load_many(tmp_path / "saes" / "layer_0", local=True)
+
+
+def test_a_reader_notices_the_store_was_collected_again(tmp_path, tiny_model_dir, tiny_text_dir):
+    """`collect --overwrite` under an open reader: reads refuse until refresh(), which re-reads the metadata."""
+    store = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="1", max_tokens=256)
+    before = store.read(1)
+    new = run(tmp_path, tiny_model_dir, tiny_text_dir, layers="1", max_tokens=128, seed=3, overwrite=True)
+    with pytest.raises(UserError, match=r"was collected again \(or deleted\) since it was opened; call refresh\(\)"):
+        store.read(1)
+    store.refresh()
+    assert store.meta == new.meta and store.layout == new.layout and store.num_tokens == new.num_tokens == 128
+    assert torch.equal(store.read(1), new.read(1)) and not torch.equal(store.read(1)[:64], before[:64])
 
 
 def test_a_hookpoint_the_forward_pass_never_runs_is_named(tiny_model):

@@ -353,6 +353,16 @@ def test_evaluate_cli(capsys, store_path, tmp_path, tiny_model_dir, tiny_text_di
         main(["evaluate", str(out), "--store", str(other)])
     text = capsys.readouterr().err.strip()
     assert e.value.code == 2 and f"error: {other} is not the store {out} was trained on" in text
+    run_cfg = json.loads((out / "config.json").read_text())  # the store moved since: say --store, not collect
+    (out / "config.json").write_text(json.dumps({**run_cfg, "store": str(tmp_path / "gone.zarr")}))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(out)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: the store {out} was trained on, {tmp_path / 'gone.zarr'}, does not exist (moved?); pass its new "
+        "path or a copy of it with --store PATH")
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(out), "--json", "--store", str(store_path)])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out) == pytest.approx(res.heldout_fvu)
 
 
 def _tree(folder):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 from functools import cached_property
 from pathlib import Path
 
@@ -38,9 +39,12 @@ class ActivationStore:
     """Read-only view of the committed part of a store written by `actcache collect`."""
 
     def __init__(self, path: str | Path):
+        self.path = as_path(path)
+        self._load()
+
+    def _load(self) -> None:
         import zarr
 
-        self.path = as_path(path)
         if not self.path.exists():
             raise UserError(f"store {self.path} does not exist; create it with `actcache collect --out {self.path}`")
         try:
@@ -69,12 +73,27 @@ class ActivationStore:
             ) from None
         self.meta: dict = meta
         self.dtype_name: str = meta["dtype"]
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Re-read the manifests (a collection may still be running)."""
+        self._identity = self._root_identity()
         self.manifest: Manifest = read_manifests(self.path)
         self.__dict__.pop("_arrays", None)
+
+    def _root_identity(self) -> tuple | None:
+        """(inode, mtime) of the group's zarr.json: written once when the store is created, so a
+        change means the store was collected again in its place (--overwrite)."""
+        try:
+            st = (self.path / "zarr.json").stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def refresh(self) -> None:
+        """Re-read the store: its manifests (a collection may still be running) and, if it was
+        collected again in its place since it was opened (--overwrite), its metadata and layout."""
+        if self._root_identity() != self._identity:
+            self._load()
+        else:
+            self.manifest = read_manifests(self.path)
+            self.__dict__.pop("_arrays", None)
 
     def check_manifest(self) -> None:
         """Refuse a store whose manifest files are all gone: `actcache collect` writes an empty one when it
@@ -117,7 +136,12 @@ class ActivationStore:
     @property
     def committed_prefix(self) -> int:
         """Tokens before the first shard that is not committed (all of them once the store is complete)."""
-        s = 0
+        return self.committed_end(0)
+
+    def committed_end(self, start: int) -> int:
+        """Where the committed tokens from `start` on end: the first token of the first shard, from
+        `start`'s on, that is not committed (at most `start`'s shard's first token if it is not)."""
+        s = start // self.layout.shard_tokens
         while s in self.manifest.shards:
             s += 1
         return min(s * self.layout.shard_tokens, self.layout.num_tokens)
@@ -135,8 +159,8 @@ class ActivationStore:
         """The array name of a layer number (3, "3") or name (`layer_3`, a hookpoint)."""
         if isinstance(layer, bool):  # an int to Python, never meant as a layer
             raise UserError(f"layer {layer!r} is not a layer; pass a number (3) or an array name ({self.layers[0]!r})")
-        if isinstance(layer, numbers.Integral):
-            name = layer_key(int(layer))
+        if isinstance(layer, numbers.Integral) or (isinstance(layer, torch.Tensor) and layer.numel() == 1):
+            name = layer_key(_position(layer, "layer"))
         elif isinstance(layer, str) and layer.strip().isdigit() and layer not in self.meta["arrays"]:
             name = layer_key(int(layer))
         else:
@@ -196,7 +220,13 @@ class ActivationStore:
                     )
 
     def _read(self, name: str, start: int, stop: int | None) -> np.ndarray:
-        stop = self.committed_prefix if stop is None else stop
+        if self._root_identity() != self._identity:
+            raise UserError(f"store {self.path} was collected again (or deleted) since it was opened; call "
+                            "refresh() or open it again")
+        start = _position(start, "start")
+        if stop is None:  # to the end of the committed run `start` is in (its shard not committed: an error)
+            stop = max(self.committed_end(start), start + (0 <= start < self.layout.num_tokens))
+        stop = _position(stop, "stop")
         self._check_committed(start, stop)
         self._check_files(name, start, stop)
         array = self._arrays[name]
@@ -210,19 +240,20 @@ class ActivationStore:
 
     def read(self, layer: int | str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Activations of tokens `[start, stop)`, `(stop - start, d)` in the logical dtype
-        (`stop=None`: up to the first shard not committed)."""
+        (`stop=None`: up to the first shard, from `start`'s on, not committed)."""
         name = self.resolve(layer)
         return from_storage(self._read(name, start, stop), self.dtype_name)
 
     def read_chunk(self, layer: int | str, chunk: int) -> torch.Tensor:
         """Activations of chunk `chunk` (`0 .. layout.num_chunks - 1`), the unit training reads."""
+        chunk = _position(chunk, "chunk")
         if not 0 <= chunk < self.layout.num_chunks:
             raise UserError(f"chunk {chunk} is out of range: store {self.path} has chunks 0-{self.layout.num_chunks - 1}")
         r = self.layout.chunk_tokens_range(chunk)
         return self.read(layer, r.start, r.stop)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Token ids of `[start, stop)` (int64; `stop=None`: up to the first shard not committed)."""
+        """Token ids of `[start, stop)` (int64; `stop=None`: up to the first shard, from `start`'s on, not committed)."""
         return torch.from_numpy(self._read("tokens", start, stop).astype(np.int64))
 
     def __repr__(self) -> str:
@@ -230,6 +261,14 @@ class ActivationStore:
             f"ActivationStore({str(self.path)!r}, model={self.meta['model']['id']!r}, "
             f"layers={self.layers}, tokens={self.num_tokens}/{self.layout.num_tokens}, dtype={self.dtype_name})"
         )
+
+
+def _position(value, what: str) -> int:
+    """An integer position (int, numpy or 0-d torch integer); anything else is a one-line error."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise UserError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
 def open_store(path: str | Path) -> ActivationStore:
