@@ -56,16 +56,17 @@ def spec_items(spec: str) -> list[str]:
 
 
 def _parse_spec(spec: str, num_layers: int) -> list[int]:
-    items = spec_items(spec)
-    if len(items) == 1 and items[0].lower() in ("all", "*"):
-        return list(range(num_layers))
-    if len(items) == 1 and items[0].lower().startswith("all:"):
-        step = items[0][4:]
-        if not step.isdigit() or int(step) < 1:
-            raise UserError(f"malformed layer spec {spec!r}: the step after 'all:' must be a whole number >= 1; {_HELP}")
-        return list(range(0, num_layers, int(step)))
     layers: list[int] = []
-    for item in items:
+    for item in spec_items(spec):
+        if item.lower() in ("all", "*"):
+            layers.extend(range(num_layers))
+            continue
+        if item.lower().startswith("all:"):  # every step-th layer from 0 (`all:4,31`: and the last)
+            step = item[4:]
+            if not step.isdigit() or int(step) < 1:
+                raise UserError(f"malformed layer spec {spec!r}: the step after 'all:' must be a whole number >= 1; {_HELP}")
+            layers.extend(range(0, num_layers, int(step)))
+            continue
         m = _ITEM.match(item)
         if not m:
             raise UserError(f"malformed layer spec {spec!r} (at {item!r}); {_HELP}")

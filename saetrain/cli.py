@@ -40,7 +40,7 @@ def fit(
     epochs: int = typer.Option(_default("epochs"), help=_doc["epochs"]),
     seed: int = typer.Option(_default("seed"), help=_doc["seed"]),
     exclude_first_tokens: int = typer.Option(0, help=_doc["exclude_first_tokens"]),
-    exclude_token_ids: str | None = typer.Option(None, metavar="IDS", help=_doc["exclude_token_ids"] + " Several may follow the flag, or comma-separate."),
+    exclude_token_ids: list[str] | None = typer.Option(None, metavar="IDS", help=_doc["exclude_token_ids"] + " Several may follow the flag (or repeat it, or comma-separate)."),
     holdout: float = typer.Option(_default("holdout"), help=_doc["holdout"]),
     shuffle_window: int = typer.Option(_default("shuffle_window"), help=_doc["shuffle_window"]),
     save_every: int = typer.Option(_default("save_every"), help=_doc["save_every"]),
@@ -59,10 +59,11 @@ def fit(
 
     from .trainer import fit as run
 
+    given = ",".join(exclude_token_ids or [])  # repeated flags add up
     try:
-        ids = [int(x) for x in exclude_token_ids.split(",") if x.strip()] if exclude_token_ids else []
+        ids = [int(x) for x in given.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--exclude-token-ids must be comma-separated integers, got {exclude_token_ids!r}") from None
+        raise UserError(f"--exclude-token-ids must be comma-separated integers, got {given!r}") from None
     cfg = TrainConfig(
         store=store, out=out, layers=layers, k=k, expansion_factor=expansion_factor, num_latents=num_latents,
         multi_topk=multi_topk, batch_size=batch_size, grad_acc_steps=grad_acc_steps, micro_acc_steps=micro_acc_steps,

@@ -83,7 +83,7 @@ class StoreLoader:
         return sum(counts[c] for w in self.windows(epoch) for c in w)
 
     # ------------------------------------------------------------------------------ reading
-    def _read_window(self, pool: ThreadPoolExecutor, epoch: int, w: int, chunks: list[int]):
+    def _read_window(self, pool: ThreadPoolExecutor, epoch: int, w: int, chunks: list[int], halt=None):
         layout = self.store.layout
         futs = {
             (name, c): pool.submit(self.store.read_chunk, name, c) for c in chunks for name in self.layers
@@ -100,6 +100,8 @@ class StoreLoader:
         acts = {}
         keep_all = all(k.all() for k in keep_parts)
         for name in self.layers:
+            if halt is not None and halt.is_set():  # the consumer stopped: leave the rest unread
+                raise _Halted
             parts = [futs[name, c].result() for c in chunks]
             if not keep_all:
                 parts = [p[torch.from_numpy(k)] for p, k in zip(parts, keep_parts, strict=True)]
@@ -122,30 +124,29 @@ class StoreLoader:
             for w, chunks in enumerate(self.windows(0)):
                 self._read_window(pool, 0, w, chunks)
 
-    def _producer(self, epoch: int, first_window: int, q: queue.Queue, stop: threading.Event) -> None:
+    def _producer(self, epoch: int, first_window: int, q: queue.Queue, halt: threading.Event) -> None:
+        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="saetrain-read")
         try:
-            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="saetrain-read") as pool:
-                for w, chunks in enumerate(self.windows(epoch)):
-                    if w < first_window:
-                        continue
-                    item = self._read_window(pool, epoch, w, chunks)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.2)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
-                        return
-            q.put(None)
+            for w, chunks in enumerate(self.windows(epoch)):
+                if w >= first_window and not _put(q, self._read_window(pool, epoch, w, chunks, halt), halt):
+                    return
+            _put(q, None, halt)
+        except _Halted:
+            pass
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            _put(q, e, halt)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # reads not started are dropped
 
-    def batches(self, epoch: int, batch_size: int, *, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """Batches of `batch_size` tokens from kept-token offset `start` to `stop` of this rank's epoch.
+    def batches(
+        self, epoch: int, batch_size: int, *, start: int = 0, stop: int | None = None, group: int = 1
+    ) -> Iterator[Batch]:
+        """Batches of `batch_size` tokens from kept-token offset `start` to `stop` of this rank's epoch,
+        in groups of `group` (the accumulation steps of one optimizer step).
 
-        A tail shorter than half a batch joins the batch before it (the last batch then holds up to
-        1.5 x `batch_size` tokens): no step trains on a handful of tokens, and every token is used.
+        A tail shorter than half a group joins the group before it, its tokens spread evenly over
+        that group's batches (each then holds up to 1.5 x `batch_size` tokens): no step trains on a
+        handful of tokens, and every token is used.
         """
         total = self.epoch_tokens(epoch)
         stop = total if stop is None else min(stop, total)
@@ -157,11 +158,11 @@ class StoreLoader:
             first += 1
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         halt = threading.Event()
-        thread = threading.Thread(target=self._producer, args=(epoch, first, q, halt), daemon=True)
+        thread = threading.Thread(target=self._producer, args=(epoch, first, q, halt), daemon=True, name="saetrain-loader")
         thread.start()
         pending_idx: list[torch.Tensor] = []
         pending: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        have, pos, target = 0, start, batch_size
+        have, pos, targets = 0, start, []  # targets: sizes of the batches left in the current group
         try:
             while pos < stop:
                 item = q.get()
@@ -175,8 +176,9 @@ class StoreLoader:
                     skip = 0
                 off = 0
                 while off < len(idx) and pos < stop:
-                    if have == 0:
-                        target = stop - pos if stop - pos < batch_size + batch_size // 2 else batch_size
+                    if have == 0 and not targets:
+                        targets = _group_sizes(stop - pos, batch_size, group)
+                    target = targets[0]
                     take = min(target - have, len(idx) - off, stop - pos)
                     pending_idx.append(idx[off : off + take])
                     for n in self.layers:
@@ -185,8 +187,12 @@ class StoreLoader:
                     if have == target:
                         yield self._emit(pending_idx, pending)
                         pending_idx, pending, have = [], {n: [] for n in self.layers}, 0
+                        targets.pop(0)
         finally:
+            # Wait for the reader (at most the chunk reads in flight): a thread still inside zarr
+            # or numpy when the interpreter exits can abort it (SIGABRT after a finished run).
             halt.set()
+            thread.join()
 
     def _emit(self, idx: list[torch.Tensor], acts: dict[str, list[torch.Tensor]]) -> Batch:
         cuda = self.device.type == "cuda"
@@ -195,3 +201,28 @@ class StoreLoader:
             x = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
             out[n] = x.pin_memory().to(self.device, non_blocking=True) if cuda else x
         return Batch(torch.cat(idx), out)
+
+
+class _Halted(Exception):
+    """The consumer of the batches stopped while a window was being read."""
+
+
+def _put(q: queue.Queue, item, halt: threading.Event) -> bool:
+    """Put `item` on the bounded queue unless the consumer stops first (then False)."""
+    while not halt.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _group_sizes(remaining: int, batch_size: int, group: int) -> list[int]:
+    """Sizes of the next `group` batches with `remaining` tokens left: `batch_size` each, unless
+    what would be left after them is under half a group, which the group then takes, spread evenly."""
+    step = batch_size * group
+    if remaining >= step + step // 2:
+        return [batch_size] * group
+    sizes = [remaining // group + (i < remaining % group) for i in range(group)]
+    return [n for n in sizes if n]

@@ -39,11 +39,8 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     from sae_core import parse_layers
     from sae_core.layers import spec_items
 
-    if spec is None or spec.strip().lower() in ("all", "*"):
+    if spec is None:
         return store.layers
-    if store.layer_ids is not None and spec.strip().lower().startswith("all"):  # all:2
-        ids = [i for i in parse_layers(spec, max(store.layer_ids) + 1) if i in store.layer_ids]
-        return [f"layer_{i}" for i in ids]
     items = [item for item in spec_items(spec) if item]
     if not items:  # "" or ",": as parse_layers refuses it
         raise UserError(f"--layers: malformed layer spec {spec!r} (it names no layer); use e.g. '0-31', '0,4,8', "
@@ -51,14 +48,18 @@ def select_layers(store: ActivationStore, spec: str | None) -> list[str]:
     wanted: set[str] = set()
     numbers = []
     for item in items:
-        if item in store.layers:
+        if item.lower() in ("all", "*"):
+            wanted.update(store.layers)
+        elif item.lower().startswith("all:") and store.layer_ids is not None:  # every step-th layer the store has
+            wanted.update(f"layer_{i}" for i in parse_layers(item, max(store.layer_ids) + 1) if i in store.layer_ids)
+        elif item in store.layers:
             wanted.add(item)
         elif any(c in item for c in "*?["):
             matched = [n for n in store.layers if fnmatch(n, item)]
             if not matched:
                 raise UserError(f"--layers {item!r} matches none of the layers of {store.path}: {', '.join(store.layers)}")
             wanted.update(matched)
-        elif re.fullmatch(r"[\d:-]+|all(:\d+)?", item.lower()):
+        elif re.fullmatch(r"[\d:-]+|all:.*", item.lower()):
             numbers.append(item)
         else:
             raise UserError(f"--layers {item!r}: {store.path} has no such array; it has {', '.join(store.layers)}")
@@ -204,6 +205,7 @@ def resolve_config(cfg: TrainConfig, store: ActivationStore, layers: list[str], 
     return {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
         "store": str(Path(cfg.store).resolve()),  # `saetrain evaluate` finds it from any working directory
+        "exclude_token_ids": sorted(set(cfg.exclude_token_ids)),  # a set: [9, 5, 9] and [5, 9] are one setting
         "layers": layers,
         "store_fingerprint": store.meta["data"]["fingerprint"],
         "store_model": store.meta.get("model", {}).get("id"),

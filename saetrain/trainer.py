@@ -338,6 +338,8 @@ def _resume_state(cfg: TrainConfig, out: Path, resolved: dict) -> dict | None:
                 f"{resolved['store_chunk_tokens']}, which changes the data order and the held-out chunks; pass the "
                 "run's store, or start a new run (another --out) or --overwrite"
             )
+        if isinstance(old.get("exclude_token_ids"), list):  # (recorded as given before it was a sorted set)
+            old["exclude_token_ids"] = sorted(set(old["exclude_token_ids"]))
         for key in RESUME_KEYS:
             if old.get(key) != resolved.get(key):
                 raise UserError(
@@ -397,7 +399,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     try:
         while epoch < cfg.epochs and tokens_seen < max_tokens:
             per_epoch = _epoch_tokens(loader, epoch, dp)
-            for batch in loader.batches(epoch, loader_batch, start=offset, stop=per_epoch):
+            for batch in loader.batches(epoch, loader_batch, start=offset, stop=per_epoch, group=cfg.grad_acc_steps):
                 n_local = len(batch.token_index)
                 if first:
                     for t in trainers.values():

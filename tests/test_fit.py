@@ -122,6 +122,19 @@ def err(capsys, *argv) -> str:
     return text
 
 
+def test_repeated_exclude_token_ids_add_up(store_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--store", str(store_path), "--out", str(out), "--layers", "1", "--max-tokens", "64", "--device",
+              "cpu", "--no-progress", "--exclude-token-ids", "5", "9", "--exclude-token-ids", "7,5"])
+    assert e.value.code == 0
+    assert json.loads((out / "config.json").read_text())["exclude_token_ids"] == [5, 7, 9]
+    with pytest.raises(SystemExit) as e:  # the same set in another order is the same setting
+        main(["fit", "--store", str(store_path), "--out", str(out), "--layers", "1", "--max-tokens", "128", "--device",
+              "cpu", "--no-progress", "--exclude-token-ids", "9,7,5", "--resume"])
+    assert e.value.code == 0
+
+
 def test_bad_inputs(capsys, store_path, tmp_path):
     out = tmp_path / "run"
     assert "does not exist" in err(capsys, "--store", tmp_path / "none.zarr", "--out", out)
@@ -216,7 +229,7 @@ def test_micro_batches_add_up_to_the_batch(store_path, tmp_path):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_short_tail_joins_the_batch_before_it(store_path):
+def test_a_short_tail_joins_the_step_before_it(store_path):
     store = ActivationStore(store_path)
     loader = StoreLoader(store, ["layer_1"], store.committed_chunks(), seed=0, window=4)
     total = loader.epoch_tokens(0)
@@ -227,6 +240,30 @@ def test_a_short_tail_joins_the_batch_before_it(store_path):
         expected = [size] * (total // size - 1) + [size + tail] if merged else [size] * (total // size) + [tail]
         assert sizes == [s for s in expected if s], (size, sizes)
         assert sum(sizes) == total and min(sizes) >= size // 2
+    # With gradient accumulation the rule is the optimizer step's: a tail under half a step joins
+    # the step before it, spread over its batches (a 64-token last step of 1024 was possible).
+    for size, group in ((100, 3), (37, 4), (total // 7, 2), (total // 9, 4)):
+        sizes = [len(b.token_index) for b in loader.batches(0, size, group=group)]
+        steps = [sum(sizes[i : i + group]) for i in range(0, len(sizes), group)]
+        step, tail = size * group, total % (size * group)
+        assert total // step >= 1
+        expected = [step] * (total // step - 1) + ([step + tail] if tail < step // 2 else [step, tail])
+        assert steps == [s for s in expected if s], (size, group, steps)
+        assert sizes[: -group] == [size] * (len(sizes) - group)
+        assert max(sizes[-group:]) - min(sizes[-group:]) <= 1  # the last step's batches share its tokens
+
+
+def test_a_stopped_consumer_leaves_no_reader_running(store_path):
+    """Stopping early (--max-tokens) joins the read-ahead threads: one still inside zarr or numpy at
+    exit aborted the interpreter after a finished run (exit 134, 'terminate called ...')."""
+    import threading
+
+    store = ActivationStore(store_path)
+    loader = StoreLoader(store, ["layer_1", "layer_2"], store.committed_chunks(), seed=0, window=1, prefetch=1)
+    batches = loader.batches(0, 16)
+    next(batches)
+    batches.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("saetrain-loader", "saetrain-read"))]
 
 
 def test_resume_refuses_a_store_that_grew(store_path, tmp_path):
@@ -330,6 +367,10 @@ def test_layers_by_name_and_pattern(store_path, tmp_path):
     with pytest.raises(UserError, match=r"^--layers 'layer_9': .* has no such array; it has layer_0, layer_1"):
         select_layers(store, "layer_9")
     assert select_layers(store, "all") == store.layers
+    assert select_layers(store, "all:2,3") == ["layer_0", "layer_2", "layer_3"]  # items combine, "all" ones too
+    assert select_layers(store, "1,all") == select_layers(store, "*") == store.layers
+    with pytest.raises(UserError, match=r"the step after 'all:' must be a whole number >= 1"):
+        select_layers(store, "all:0,1")
 
 
 def test_evaluate_cli(capsys, store_path, tmp_path, tiny_model_dir, tiny_text_dir, monkeypatch):

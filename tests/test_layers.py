@@ -11,6 +11,8 @@ from sae_core import UserError, format_layers, parse_layers
         ("0-29:2", list(range(0, 30, 2))),
         ("all", list(range(32))),
         ("all:8", [0, 8, 16, 24]),
+        ("all:8,31", [0, 8, 16, 24, 31]),  # items combine: every 8th layer and the last
+        ("3,all", list(range(32))),
         ("8,0,4,4", [0, 4, 8]),
         (" 1 - 3 , 31", [1, 2, 3, 31]),
         ("0 1", [0, 1]),  # whitespace separates, as a comma does: never "01"
