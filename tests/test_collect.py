@@ -488,8 +488,7 @@ def test_store_api_refuses_what_it_cannot_mean(tmp_path, tiny_model_dir, tiny_te
     st = store.layout.shard_tokens
     del store.manifest.shards[1]
     assert store.read(1).shape[0] == st and store.tokens(2 * st).shape[0] == store.layout.num_tokens - 2 * st
-    with pytest.raises(UserError, match=rf"^tokens \[{st + 1}, {st + 2}\) include shard 1, which is not committed"):
-        store.read(1, st + 1)
+    assert store.read(1, st + 1).shape == (0, 16)  # start's shard is not committed: nothing (as before any commit)
     from sae_core import Sae, SaeConfig
 
     for name in ("layer_0", "layer_1"):

@@ -224,8 +224,8 @@ class ActivationStore:
             raise UserError(f"store {self.path} was collected again (or deleted) since it was opened; call "
                             "refresh() or open it again")
         start = _position(start, "start")
-        if stop is None:  # to the end of the committed run `start` is in (its shard not committed: an error)
-            stop = max(self.committed_end(start), start + (0 <= start < self.layout.num_tokens))
+        if stop is None:  # to the end of the committed run `start` is in (none if its shard is not committed)
+            stop = max(self.committed_end(start), start)
         stop = _position(stop, "stop")
         self._check_committed(start, stop)
         self._check_files(name, start, stop)
