@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -48,6 +50,24 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 _NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpError", ())  # click >= 8.2
 
 
+@contextlib.contextmanager
+def _interrupt_on_term():
+    """Under torchrun: SIGTERM interrupts as Ctrl-C does, once. torchrun answers a Ctrl-C by sending its
+    workers SIGTERM a moment after the SIGINT, which killed them before they said where the run stands
+    and how to resume; further signals are ignored while that report is made."""
+    def interrupt(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; a `UserError` or a usage error (an unknown option, a value of the wrong type)
     becomes `error: <message>` on stderr and exit code 2; Ctrl-C exits with 130."""
@@ -63,7 +83,8 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     first = not ranks or os.environ.get("LOCAL_RANK", "0") == "0"
     prefix = f"error (rank {os.environ['RANK']}): " if ranks and os.environ.get("RANK", "0") != "0" else "error: "
     try:
-        code = app(args=join_multi_values(args), standalone_mode=False)
+        with _interrupt_on_term() if ranks else contextlib.nullcontext():
+            code = app(args=join_multi_values(args), standalone_mode=False)
     except UserError as e:
         if first or not getattr(e, "collective", False):
             print(f"{prefix}{e}", file=sys.stderr)

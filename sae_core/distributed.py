@@ -41,6 +41,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_over_ranks(n: int) -> int:
+    """`n` summed over the ranks of the process group (`n` itself without one)."""
+    if not dist.is_initialized():
+        return n
+    total = torch.tensor([n])
+    dist.all_reduce(total)
+    return int(total)
+
+
 def rank_device(device: str | None, rank: int, world: int) -> torch.device:
     """The device of this rank: with several CUDA ranks, the GPU of its LOCAL_RANK."""
     dev = resolve_device(device)

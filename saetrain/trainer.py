@@ -233,6 +233,8 @@ def _fit(cfg: TrainConfig) -> FitResult:
     if plan and rank == 0:
         atomic_write(out / "plan.json", json.dumps({f"rank{r}": p for r, p in enumerate(plan)}, indent=2))
         print("layer plan: " + "; ".join(f"rank {r}: {', '.join(p) or '(idle)'}" for r, p in enumerate(plan)))
+    elif rank == 0:  # a --distribute-layers run resumed without it: its old plan no longer says who trains what
+        (out / "plan.json").unlink(missing_ok=True)
     result = _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, device, t0)
     return result
 
@@ -414,8 +416,9 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                 n_global = n_local * (world if dp else 1)
                 step_tokens += n_global
                 acc += 1
-                last = offset >= per_epoch or tokens_seen + step_tokens >= max_tokens
-                if acc < cfg.grad_acc_steps and not last:
+                # A step ends after its accumulation steps or with the epoch; --max-tokens is checked
+                # after whole steps (it rounds up to them).
+                if acc < cfg.grad_acc_steps and offset < per_epoch:
                     continue
                 lines = []
                 for t in trainers.values():

@@ -170,3 +170,40 @@ def test_under_torchrun_a_refusal_all_ranks_meet_is_said_once(capsys, monkeypatc
     with pytest.raises(SystemExit) as e:
         run_app(app, ["refuse"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == printed
+
+
+def test_under_torchrun_sigterm_interrupts_as_ctrl_c_once(monkeypatch):
+    """torchrun answers Ctrl-C with SIGTERM to its workers a moment later: it interrupts like SIGINT
+    (so the worker reports how to resume), later signals are ignored meanwhile, and the handlers
+    are restored afterwards."""
+    import os
+    import signal
+
+    from sae_core.cli import make_app, run_app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    app = make_app("test")
+    seen = []
+
+    @app.command()
+    def work() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("not interrupted")
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+            os.kill(os.getpid(), signal.SIGINT)  # ignored while the interrupt is handled
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("reported")
+            raise
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        run_app(app, ["work"])
+    assert e.value.code == 130 and seen == ["interrupted", "reported"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

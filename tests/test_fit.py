@@ -177,6 +177,15 @@ def _metrics(run, layer="layer_1"):
     return [ln for ln in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if ln["layer"] == layer]
 
 
+def test_grad_acc_steps_make_whole_optimizer_steps(store_path, tmp_path):
+    """--max-tokens rounds up to whole steps of --batch-size tokens, accumulated or not (a step of 2 x 32
+    closed after its first 32 tokens once they reached --max-tokens)."""
+    for acc in (1, 2, 4):
+        res = fit(cfg(store_path, tmp_path / f"acc{acc}", layers="1", max_tokens=80, grad_acc_steps=acc))
+        assert (res.steps, res.tokens) == (2, 128), acc
+        assert [ln["tokens"] for ln in _metrics(res.out)] == [64, 128]
+
+
 def test_init_from_continues_a_run_on_the_next_store(store_path, tmp_path):
     """--init-from: weights, Adam state, dead counters, step and token count carry over; no second warmup."""
     from safetensors.torch import load_file

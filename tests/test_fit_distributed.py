@@ -222,7 +222,7 @@ def test_a_refusal_under_torchrun_is_said_once(store, runs, ref12):
 
 # ------------------------------------------------------------------------ 2. torchrun --distribute-layers
 @pytest.mark.slow
-def test_distribute_layers_over_two_ranks_equals_single_process(runs, dist3, single3):
+def test_distribute_layers_over_two_ranks_equals_single_process(store, runs, dist3, single3):
     dist3.ok()
     single3.ok()
     out, ref = runs[0] / "dist3", runs[0] / "single3"
@@ -243,6 +243,13 @@ def test_distribute_layers_over_two_ranks_equals_single_process(runs, dist3, sin
     for n in LAYERS:
         assert fvu[n] == pytest.approx(ref_fvu[n], abs=ATOL), n
     print(f"distribute-layers {dist3.seconds:.0f}s, single process {single3.seconds:.0f}s")
+
+    # Resumed in one process, the run has no layer plan any more: plan.json goes with it.
+    resumed = runs[0] / "dist3-resumed"
+    shutil.copytree(out, resumed)
+    _start(runs, "dist3-resumed", saetrain(store, resumed, *SINGLE3_ARGS, "--resume")).ok()
+    assert not (resumed / "plan.json").exists()
+    assert_same_saes(resumed, ref, LAYERS)
 
 
 # ---------------------------------------------------------------------------- 3. torchrun data parallel
