@@ -328,10 +328,12 @@ def _extra_chunks(segments: Tensor, entries: int, chunk: int) -> tuple[Tensor, T
     (n - 1) // chunk is at most entries // chunk) without reading the segments back to the host;
     unused extras have owner L and count 0.
     """
+    e = torch.arange(entries // chunk, device=segments.device)
+    if not e.numel():  # no segment can be longer than one piece
+        return e, e, e
     L = segments.numel() - 1
     extras = ((segments[1:] - segments[:-1]) - 1).clamp(min=0) // chunk
     ends = torch.cumsum(extras, 0)  # latent l's extras are [ends[l] - extras[l], ends[l])
-    e = torch.arange(entries // chunk, device=segments.device)
     owner = torch.searchsorted(ends, e, right=True)
     used = owner < L
     first = (ends - extras)[owner.clamp(max=L - 1)]
