@@ -19,9 +19,9 @@ from sae_core.distributed import (
     alike_on_every_rank,
     barrier,
     init_distributed,
+    over_ranks,
     rank0_error,
     rank_device,
-    sum_over_ranks,
 )
 from sae_core.errors import collective, first_line, folder_contents
 from sae_core.models import DEFAULT_MODEL_ID, text_config
@@ -315,7 +315,7 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
     elif world == 1:
         manifest = writer.manifest
     barrier()  # every rank returns with the manifests folded: what it reads next is settled
-    written = sum_over_ranks(written)  # what all ranks wrote, for rank 0's summary
+    written = over_ranks(written)  # what all ranks wrote, for rank 0's summary
     committed = sum(r.tokens[1] - r.tokens[0] for r in manifest.shards.values()) if rank == 0 else -1
     return CollectResult(out, written, committed, time.perf_counter() - t0)
 

@@ -41,13 +41,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def sum_over_ranks(n: int) -> int:
-    """`n` summed over the ranks of the process group (`n` itself without one)."""
+def over_ranks(n: int, op: str = "sum") -> int:
+    """`n` reduced (`sum`, `min`, `max`) over the ranks of the process group (`n` itself without one)."""
     if not dist.is_initialized():
         return n
-    total = torch.tensor([n])
-    dist.all_reduce(total)
-    return int(total)
+    t = torch.tensor([n])
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
+    return int(t)
 
 
 def rank_device(device: str | None, rank: int, world: int) -> torch.device:

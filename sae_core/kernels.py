@@ -335,8 +335,7 @@ def _extra_chunks(segments: Tensor, entries: int, chunk: int) -> tuple[Tensor, T
     extras = ((segments[1:] - segments[:-1]) - 1).clamp(min=0) // chunk
     ends = torch.cumsum(extras, 0)  # latent l's extras are [ends[l] - extras[l], ends[l])
     owner = torch.searchsorted(ends, e, right=True)
-    used = owner < L
-    first = (ends - extras)[owner.clamp(max=L - 1)]
-    chunk_no = torch.where(used, e - first + 1, 0)
-    count = torch.where(used & (chunk_no == 1), extras[owner.clamp(max=L - 1)], 0)
+    used, latent = owner < L, owner.clamp(max=L - 1)
+    chunk_no = torch.where(used, e - (ends - extras)[latent] + 1, 0)
+    count = torch.where(used & (chunk_no == 1), extras[latent], 0)
     return owner, chunk_no, count

@@ -25,6 +25,7 @@ from sae_core.distributed import (
     any_error,
     barrier,
     init_distributed,
+    over_ranks,
     rank_device,
 )
 from sae_core.errors import collective
@@ -464,11 +465,7 @@ def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
 def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:
     """Tokens this rank consumes in an epoch; equal on every data-parallel rank (the minimum)."""
     n = loader.epoch_tokens(epoch)
-    if dp:
-        t = torch.tensor([n])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        n = int(t)
-    return n
+    return over_ranks(n, "min") if dp else n
 
 
 def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, dp) -> None:

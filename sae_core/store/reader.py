@@ -74,6 +74,9 @@ class ActivationStore:
         self.meta: dict = meta
         self.dtype_name: str = meta["dtype"]
         self._identity = self._root_identity()
+        self._read_manifests()
+
+    def _read_manifests(self) -> None:
         self.manifest: Manifest = read_manifests(self.path)
         self.__dict__.pop("_arrays", None)
 
@@ -92,8 +95,7 @@ class ActivationStore:
         if self._root_identity() != self._identity:
             self._load()
         else:
-            self.manifest = read_manifests(self.path)
-            self.__dict__.pop("_arrays", None)
+            self._read_manifests()
 
     def check_manifest(self) -> None:
         """Refuse a store whose manifest files are all gone: `actcache collect` writes an empty one when it
