@@ -49,6 +49,8 @@ def collect(
     progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc["progress"]),
 ) -> None:
     """Run the model over the data once and write the requested layers into a store."""
+    from sae_core.errors import out_of_memory
+
     from .collection import collect as run
 
     points = [p.strip() for item in (hookpoints or []) for p in item.split(",") if p.strip()]
@@ -64,7 +66,9 @@ def collect(
         chunk_mb=chunk_mb, seqs_per_shard=seqs_per_shard, chunk_tokens=chunk_tokens,
         write_threads=write_threads, progress=progress,
     )
-    res = run(cfg)
+    with out_of_memory("lower --batch-size or --ctx-len, or load the model in 8 bits (--load-in-8bit); "
+                       "a collection stopped midway continues with --resume"):
+        res = run(cfg)
     if res.tokens_committed >= 0:
         typer.echo(
             f"wrote {res.tokens_written:,} tokens in {res.seconds:.1f}s "

@@ -141,7 +141,7 @@ class Bench:
                 first_batch_s = time.perf_counter() - t0
                 with torch.no_grad():
                     t.sae.b_dec.copy_(geometric_median(x.to(torch.float32)))
-            t.backward(x.to(torch.float32), 1 / self.cfg.grad_acc_steps, False)
+            t.backward(x.to(torch.float32), False)
             t.step(step, len(x), False)
             if step >= warmup:
                 tokens += len(x)

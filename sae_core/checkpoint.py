@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 
 from .config import SaeConfig, as_path
 from .errors import UserError, first_line
-from .models import resolve_device
+from .models import as_dtype, resolve_device
 from .sae import Sae
 
 CFG_NAME = "cfg.json"
@@ -74,11 +73,14 @@ def is_sae_folder(path: Path) -> bool:
     return (path / CFG_NAME).is_file()
 
 
-def sae_folders(root: Path) -> list[str]:
-    """Names of the subfolders of `root` that hold an SAE, naturally sorted."""
+def sae_folders(root: Path, asked: list[int | str] | None = None) -> list[str]:
+    """Names of the subfolders of `root` that hold an SAE, naturally sorted; hidden ones (a writer's
+    `.layer_3.tmp`) are not among them. Folders deeper down count where `asked` names them (`k32/layers.0`)."""
     if not root.is_dir():
         return []
-    return natsorted(p.name for p in root.iterdir() if p.is_dir() and is_sae_folder(p))
+    names = {p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and is_sae_folder(p)}
+    names |= {a for a in asked or [] if isinstance(a, str) and "/" in a and is_sae_folder(root / a)}
+    return natsorted(names)
 
 
 def layer_folder_names(layer: int) -> list[str]:
@@ -91,10 +93,9 @@ def as_layer(layer: int | str) -> int | str:
     return int(layer) if isinstance(layer, str) and layer.strip().isdigit() else layer
 
 
-def folder_layer(name: str) -> int | None:
-    """The layer number of a folder named `layer_10` or `layers.10`, else None."""
-    m = re.fullmatch(r"layers?[._](\d+)", name)
-    return int(m.group(1)) if m else None
+def layer_list(layers: list[int | str] | int | str | None) -> list[int | str] | None:
+    """`layers=` as a list: one layer given alone is one layer, not the characters of its name."""
+    return [layers] if isinstance(layers, (str, int)) else layers
 
 
 def select_folders(
@@ -102,8 +103,7 @@ def select_folders(
 ) -> list[str]:
     """Pick folders by layer number or name (`layers`) and/or fnmatch `pattern`, naturally sorted."""
     chosen = list(available)
-    if isinstance(layers, (str, int)):  # one layer, not the characters of its name
-        layers = [layers]
+    layers = layer_list(layers)
     if layers is not None:
         chosen = []
         for want in layers:
@@ -160,11 +160,8 @@ def load_sae(
     dtype may also be named (`"bfloat16"`)."""
     path = as_path(path)
     device = resolve_device(device)
-    if isinstance(dtype, str):
-        named = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(named, torch.dtype):
-            raise UserError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.bfloat16 or 'float32'")
-        dtype = named
+    if dtype is not None:
+        dtype = as_dtype(dtype)
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"SAE folder {path} {what}; pass a folder holding {CFG_NAME} and {WEIGHTS_NAME}")
@@ -207,7 +204,10 @@ def load_sae(
         raise UserError(f"{weights}: an SAE's dtype must be floating point, got {dtype}")
 
     # Build on the meta device (no random init of a large matrix), then adopt the loaded tensors.
-    sae = Sae(d_in, cfg, device="meta", dtype=dtype, decoder=decoder)
+    try:
+        sae = Sae(d_in, cfg, device="meta", dtype=dtype, decoder=decoder)
+    except UserError as e:  # e.g. k larger than the latents: name the file that says so
+        raise UserError(f"{path / CFG_NAME}: {e}") from None
     sae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
     return sae
 
@@ -224,7 +224,8 @@ def load_many_local(
     root = as_path(root)
     if not root.is_dir():
         raise UserError(f"folder {root} does not exist; pass a folder of SAE folders (e.g. runs/NAME)")
-    available = sae_folders(root)
+    layers = layer_list(layers)
+    available = sae_folders(root, layers)
     if not available:
         if (root / CFG_NAME).is_file():
             raise UserError(f"{root} is one SAE folder, not a folder of them: use Sae.load_from_disk({str(root)!r})")

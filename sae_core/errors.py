@@ -1,5 +1,6 @@
 """The exception the CLIs turn into a one-line error and exit code 2, and what goes with it."""
 
+import contextlib
 import os
 
 
@@ -28,3 +29,18 @@ def first_line(e: BaseException) -> str:
     """`Type: first line of the message` of an exception from a library, to quote inside a UserError."""
     text = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def out_of_memory(fix: str):
+    """An allocation the GPU or the host cannot make (torch's OutOfMemoryError, the CPU allocator's
+    RuntimeError, Python's MemoryError) as a UserError: what failed, then `fix`."""
+    try:
+        yield
+    except MemoryError:
+        raise UserError(f"out of memory; {fix}") from None
+    except RuntimeError as e:
+        text = str(e)
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in text and "out of memory" not in text:
+            raise
+        raise UserError(f"out of memory ({first_line(e)}); {fix}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from glob import escape
 from pathlib import Path
 
 import torch
@@ -18,8 +20,8 @@ from .checkpoint import (
     CFG_NAME,
     WEIGHTS_NAME,
     as_layer,
-    folder_layer,
     layer_folder_names,
+    layer_list,
     load_many_local,
     load_sae,
     sae_folders,
@@ -27,7 +29,7 @@ from .checkpoint import (
 )
 from .config import as_path
 from .errors import UserError, first_line
-from .online import not_cached
+from .online import not_cached, offline_unless_reachable
 from .sae import Sae
 
 
@@ -36,7 +38,9 @@ def local_folder(name: str | Path) -> Path | None:
 
     As transformers' `from_pretrained`: an existing folder is read locally (whatever its name); a
     name that can only be a path (it starts with `/`, `.` or `~`, or has more than one `/`) and
-    does not exist is refused here rather than sent to the Hub as a repo id.
+    does not exist is refused here rather than sent to the Hub as a repo id. Any other name is a
+    repo id, even where a folder of its owner's name exists here (`hf download --local-dir
+    EleutherAI/...` leaves one); if the Hub has no such repo, the error says it is no folder either.
     """
     text = str(name)
     path = as_path(text)
@@ -44,8 +48,7 @@ def local_folder(name: str | Path) -> Path | None:
         return path
     if path.exists():
         raise UserError(f"{text} is a file, not a folder; pass a folder of SAE folders or a Hub repo id (owner/name)")
-    # runs/typo: its folder exists here, so a missing local folder rather than a Hub user's repo
-    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()):
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1:
         raise UserError(f"folder {text} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
                         "or a Hub repo id (owner/name)")
     return None
@@ -61,7 +64,8 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
         ) from None
     except RepositoryNotFoundError:
         raise UserError(
-            f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login` or set HF_TOKEN)"
+            f"Hub repo {repo_id!r} not found (or private: log in with `hf auth login` or set HF_TOKEN), "
+            f"nor is {repo_id} a local folder"
         ) from None
     except RevisionNotFoundError:
         raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}; check the branch, tag or commit") from None
@@ -109,7 +113,10 @@ def list_hub_saes(repo_id: str, revision: str | None = None, *, after_download: 
     return natsorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + CFG_NAME)})
 
 
-def _folder_patterns(names: list[str]) -> list[str]:
+def _folder_patterns(names: list[str], *, glob: bool = False) -> list[str]:
+    """`allow_patterns` for the SAE files of these folders: names taken literally (huggingface_hub
+    matches with fnmatch, where `[3]` is a character class), or with `glob=True` as patterns."""
+    names = names if glob else [escape(n) for n in names]
     return [f"{n}/{CFG_NAME}" for n in names] + [f"{n}/{WEIGHTS_NAME}" for n in names]
 
 
@@ -132,6 +139,12 @@ def load_from_hub(
     if layer is not None and hookpoint is not None:
         raise UserError("pass either layer= or hookpoint=, not both")
     local = local_folder(repo_id)
+    # Where the Hub is asked and cannot be reached, read only its local cache instead of retrying for a minute.
+    with contextlib.nullcontext() if local is not None else offline_unless_reachable():
+        return _load_one(repo_id, local, layer, hookpoint, revision, device=device, dtype=dtype, decoder=decoder)
+
+
+def _load_one(repo_id, local, layer, hookpoint, revision, **load) -> Sae:
     where = f"folder {local}" if local is not None else f"Hub repo {repo_id!r}"
 
     def listing(root: Path) -> list[str]:
@@ -140,23 +153,19 @@ def load_from_hub(
     if layer is None and hookpoint is None:
         root = local if local is not None else _download(repo_id, revision, [CFG_NAME, WEIGHTS_NAME])
         if (root / CFG_NAME).is_file():
-            return load_sae(root, device=device, dtype=dtype, decoder=decoder)
-        available = listing(root)
+            return load_sae(root, **load)
         raise UserError(
             f"{where} holds one SAE per layer; pass layer=N or hookpoint=NAME "
-            f"(it has: {', '.join(available) or 'none found'})"
+            f"(it has: {', '.join(listing(root)) or 'none found'})"
         )
 
     candidates = layer_folder_names(layer) if layer is not None else [hookpoint]
     root = local if local is not None else _download(repo_id, revision, _folder_patterns(candidates))
     for name in candidates:
         if (root / name / CFG_NAME).is_file():
-            return load_sae(root / name, device=device, dtype=dtype, decoder=decoder)
-    available = listing(root)
-    layers = sorted({n for n in map(folder_layer, available) if n is not None})
+            return load_sae(root / name, **load)
     what = f"layer {layer}" if layer is not None else f"hookpoint {hookpoint!r}"
-    has = f"layers {layers}" if layers and layer is not None else ", ".join(available) or "none found"
-    raise UserError(f"{where} has no SAE for {what}; it has: {has}")
+    raise UserError(f"{where} has no SAE for {what}; it has: {', '.join(listing(root)) or 'none found'}")
 
 
 def load_many_from_hub(
@@ -172,16 +181,29 @@ def load_many_from_hub(
     local = local_folder(repo_id)
     if local is not None:  # an existing folder is read where it is, as `Sae.load_many(..., local=True)`
         return load_many_local(local, layers, pattern, device=device, dtype=dtype, decoder=decoder)
+    with offline_unless_reachable():
+        root, names = _download_many(repo_id, layers, pattern, revision)
+    return load_many_local(root, names, device=device, dtype=dtype, decoder=decoder)
+
+
+def _download_many(repo_id: str, layers, pattern, revision) -> tuple[Path, list[str]]:
+    """Fetch the SAE folders of a Hub repo that `layers` and `pattern` choose: (snapshot, their names)."""
+    where = f"Hub repo {repo_id!r}"
+    layers = layer_list(layers)
     if layers is None:
-        # Every SAE folder (filtered by pattern): fetch only cfg.json and weights of those.
-        allow = _folder_patterns([pattern or "*"])
+        # Every top-level SAE folder (filtered by pattern): fetch only cfg.json and weights of those. Without
+        # a listing (offline, none cached), what the cache holds (fnmatch's `*` would also match nested ones).
+        listed = list_hub_saes(repo_id, revision)
+        if listed:
+            allow = _folder_patterns(select_folders(listed, None, pattern, where=where))
+        else:
+            allow = _folder_patterns([pattern or "*"], glob=True)
     else:
         wanted = [as_layer(w) for w in layers]
         names = [n for want in wanted for n in (layer_folder_names(want) if isinstance(want, int) else [want])]
         allow = _folder_patterns(names)
     root = _download(repo_id, revision, allow)
-    available = sae_folders(root)
-    where = f"Hub repo {repo_id!r}"
+    available = sae_folders(root, layers)
     if not available:
         listed = list_hub_saes(repo_id, revision, after_download=True)
         if listed:
@@ -189,9 +211,8 @@ def load_many_from_hub(
             select_folders(listed, layers, pattern, where=where)
         raise UserError(f"{where} has no SAE folders matching the request; it has: {', '.join(listed) or 'none'}")
     try:
-        names = select_folders(available, layers, pattern, where=where)
+        return root, select_folders(available, layers, pattern, where=where)
     except UserError:
         # Name what the whole repo has, not just what was downloaded.
         select_folders(list_hub_saes(repo_id, revision, after_download=True) or available, layers, pattern, where=where)
         raise
-    return load_many_local(root, names, device=device, dtype=dtype, decoder=decoder)

@@ -68,16 +68,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating-point dtype given as a torch dtype or named: `"bfloat16"`, `"torch.bfloat16"`, `"bf16"`."""
+    if isinstance(dtype, torch.dtype):
+        named = dtype
+    else:
+        name = str(dtype).removeprefix("torch.")
+        named = getattr(torch, DTYPE_ALIASES.get(name, name), None)
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise UserError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32 (or a floating torch.dtype)")
+    return named
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`dtype`, or None/"auto" for bf16 on CUDA and fp32 elsewhere."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
-    return names[dtype]
+    return as_dtype(dtype)
 
 
 def _check_8bit(device: torch.device) -> None:
@@ -123,13 +133,14 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
-def _locate(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+def _locate(name_or_path: str | os.PathLike | None, gguf_file: str | os.PathLike | None) -> tuple[str, str | None]:
     """Return (name or folder to pass to from_pretrained, gguf file name or None)."""
+    gguf_file = None if gguf_file is None else os.fspath(gguf_file)
     if name_or_path is None:
-        if gguf_file is not None:
-            name_or_path = gguf_file
-        else:
+        if gguf_file is None:
             return str(convert_gguf(default_gguf_path())), None
+        name_or_path = gguf_file
+    name_or_path = os.fspath(name_or_path)
     path = as_path(name_or_path)
     if name_or_path.endswith(".gguf") or (gguf_file and path.is_dir()):
         gguf = path if name_or_path.endswith(".gguf") else path / gguf_file
@@ -149,9 +160,9 @@ def _locate(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str |
 
 
 def load_model(
-    name_or_path: str | None = None,
+    name_or_path: str | os.PathLike | None = None,
     *,
-    gguf_file: str | None = None,
+    gguf_file: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "cpu",
     load_in_8bit: bool = False,

@@ -116,7 +116,9 @@ class Sae(nn.Module):
 
     def _pre_acts(self, x: Tensor, reads: _Reads) -> Tensor:
         W = self.encoder.weight if reads.W_enc is None else reads.W_enc
-        return nn.functional.relu(nn.functional.linear(x.to(self.dtype) - self.b_dec, W, self.encoder.bias))
+        # Centred in the wider of the two dtypes, then cast: an fp32 input to a bf16 SAE loses no more
+        # than the cast of the difference (not of x and b_dec, then their difference).
+        return nn.functional.relu(nn.functional.linear((x - self.b_dec).to(self.dtype), W, self.encoder.bias))
 
     def _reads(self) -> _Reads:
         """Autocast-dtype copies of the weights for this forward's gathers (see AUTOCAST_GATHERS)."""

@@ -56,6 +56,7 @@ def fit(
 ) -> None:
     """Stream the store into one TopK SAE per layer; write runs/NAME/layer_L/{cfg.json,sae.safetensors}."""
     from sae_core import UserError
+    from sae_core.errors import out_of_memory
 
     from .trainer import fit as run
 
@@ -74,7 +75,9 @@ def fit(
         overwrite=overwrite, distribute_layers=distribute_layers, device=device, grad_clip=grad_clip,
         read_threads=read_threads, wandb=wandb, progress=progress,
     )
-    res = run(cfg)
+    with out_of_memory("lower --batch-size or raise --micro-acc-steps, or train fewer or smaller SAEs per process "
+                       "(--layers, --expansion-factor, --distribute-layers); a run stopped midway continues with --resume"):
+        res = run(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:  # rank 0 speaks for the run

@@ -34,10 +34,14 @@ def heldout_fvu(
             sse[name] += (x - x_hat).double().pow(2).sum().item()
             s1[name] = s1[name] + x.double().sum(0)
             s2[name] += x.double().pow(2).sum().item()
-    if count == 0:
-        raise UserError("no held-out tokens are left after the exclusions; nothing to evaluate on")
+    if count < 2:
+        raise UserError(f"{count} held-out token(s) are left after the exclusions, and the FVU needs at least 2 (it "
+                        "divides by their variance); nothing to evaluate on")
     out = {}
     for name in saes:
         total_var = s2[name] - (s1[name].pow(2).sum().item() / count)
+        if not total_var > 0:
+            raise UserError(f"the {count} held-out tokens of {name} are all alike (no variance), so its FVU is "
+                            "undefined; hold out more (--holdout)")
         out[name] = sse[name] / total_var
     return out

@@ -110,9 +110,11 @@ class StoreLoader:
             bad = ~torch.isfinite(x.sum(dim=1, dtype=torch.float32))
             if bad.any():
                 where = int(token_index[bad.nonzero()[0, 0]])
+                token_id = int(self.store.tokens(where, where + 1)[0])
                 raise UserError(
                     f"store {self.store.path}: {name} has NaN or inf activations ({int(bad.sum())} tokens in this "
-                    f"window, first at token {where}, sequence {where // layout.ctx_len}); exclude them "
+                    f"window, first at token {where}: sequence {where // layout.ctx_len}, position "
+                    f"{where % layout.ctx_len}, token id {token_id}); exclude them "
                     "(--exclude-token-ids / --exclude-first-tokens) or re-collect in a wider dtype"
                 )
             acts[name] = x[perm]

@@ -130,13 +130,25 @@ def read_run_config(run: Path) -> dict:
     return config
 
 
+# What `saetrain fit` writes in a run folder besides the SAE folders (and its dot-named temporaries).
+RUN_ENTRIES = {"config.json", "metrics.jsonl", "eval.json", "plan.json", "checkpoints", "wandb"}
+
+
 def is_run(folder: Path) -> bool:
-    """Whether `folder` is a run written by `saetrain fit` (its config.json holds saetrain's keys)."""
+    """Whether `folder` is a run written by `saetrain fit`: its config.json holds saetrain's keys, or,
+    damaged, sits among nothing but what a run holds (so that --overwrite can replace it)."""
+    config = folder / "config.json"
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and all(k in data for k in RUN_KEYS):
+            return True
+    except FileNotFoundError:
         return False
-    return isinstance(config, dict) and all(k in config for k in RUN_KEYS)
+    except (OSError, ValueError):
+        pass
+    return config.is_file() and all(
+        p.name in RUN_ENTRIES or p.name.startswith(".") or (p / "cfg.json").is_file() for p in folder.iterdir()
+    )
 
 
 def check_out(cfg: TrainConfig) -> None:
@@ -166,6 +178,10 @@ def check_out(cfg: TrainConfig) -> None:
         raise UserError(f"--out {out} is not a saetrain run (it holds {folder_contents(entries)}); choose another --out")
     if not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue the run or --overwrite to replace it")
+    here = Path.cwd().resolve()
+    if cfg.overwrite and (o == here or o in here.parents):
+        raise UserError(f"--out {out} holds the current folder, which --overwrite would replace under this process; "
+                        "run from outside it")
     if cfg.overwrite and cfg.init_from is not None and o in Path(cfg.init_from).resolve().parents:
         raise UserError(f"--init-from {cfg.init_from} is inside --out {out}, which --overwrite deletes; "
                         "move it or choose another --out")

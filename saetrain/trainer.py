@@ -7,6 +7,8 @@ see the same batches. Under torchrun, `--distribute-layers` splits the layers be
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
@@ -81,34 +83,55 @@ class LayerTrainer:
         self.since_fired = torch.zeros(self.sae.num_latents, dtype=torch.long, device=device)
         self.fired = torch.zeros(self.sae.num_latents, dtype=torch.bool, device=device)
         self.cfg = cfg
-        # Running sums of the losses, kept on the device: read once per optimizer step, so the
-        # micro-batches and the layers queue their work without waiting for each other.
+        # Running sums of the losses and the moments of the step's tokens, kept on the device: read once
+        # per optimizer step, so the micro-batches and the layers queue their work without waiting.
         self.sums = torch.zeros(len(_LOSSES), dtype=torch.float64, device=device)
-        self.batches = 0
+        self._moments()
+
+    def _moments(self) -> None:
+        """Start the step's count, mean and summed squared deviation (Chan et al.'s merge, in fp64)."""
+        self.count = 0
+        self.mean = torch.zeros(self.sae.d_in, dtype=torch.float64, device=self.since_fired.device)
+        self.m2 = torch.zeros((), dtype=torch.float64, device=self.since_fired.device)
 
     def dead_mask(self) -> torch.Tensor | None:
         return self.since_fired > self.cfg.dead_feature_threshold if self.cfg.auxk_alpha > 0 else None
 
-    def backward(self, x: torch.Tensor, weight: float, autocast: bool) -> None:
+    def backward(self, x: torch.Tensor, autocast: bool) -> None:
+        """Accumulate the gradients of one batch of the step (`--grad-acc-steps` batches make a step).
+
+        The losses are over the variance of all the step's tokens, which is known only once its last
+        batch is in: here they are raw sums of squared errors (over a variance of 1), and `step`
+        divides the gradients and the logged losses by the step's variance. So micro-batches and
+        accumulated batches add up to the step's losses, whatever their sizes (one token included).
+        """
         dead = self.dead_mask()
-        # Every micro-batch's losses are over the whole batch's variance: they add up to the batch's.
-        variance = (x - x.mean(0)).pow(2).sum()
+        mean = x.mean(0)
+        n, m2 = len(x), (x - mean).pow(2).sum().double()
+        delta = mean.double() - self.mean
+        total = self.count + n
+        self.m2 += m2 + delta.pow(2).sum() * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
+        one = torch.ones((), device=x.device)
         for micro in x.chunk(self.cfg.micro_acc_steps):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out = self.sae(micro, dead_mask=dead, total_variance=variance)
+                out = self.sae(micro, dead_mask=dead, total_variance=one)
                 loss = out.fvu + self.cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
-            (loss * weight).backward()
+            loss.backward()
             self.fired[out.latent_indices.flatten()] = True
             self.sums += torch.stack([getattr(out, k).detach().double() for k in _LOSSES])
-        self.batches += 1
 
     def step(self, step: int, tokens: int, dp: bool) -> dict:
         sae = self.sae
-        if dp:
-            for p in sae.parameters():
-                if p.grad is not None:
+        variance = self.m2.clamp_min(torch.finfo(torch.float32).tiny)
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad /= variance.float()
+                if dp:
                     dist.all_reduce(p.grad)
                     p.grad /= dist.get_world_size()
+        if dp:
             dist.all_reduce(self.fired.view(torch.uint8), op=dist.ReduceOp.MAX)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -124,13 +147,13 @@ class LayerTrainer:
         self.since_fired += tokens
         self.since_fired[self.fired] = 0
         self.fired.zero_()
-        means = self.sums / max(self.batches, 1)
+        losses = self.sums / variance
         if dp:
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        metrics = dict(zip(_LOSSES, means.tolist(), strict=True))
+            dist.all_reduce(losses)
+            losses /= dist.get_world_size()
+        metrics = dict(zip(_LOSSES, losses.tolist(), strict=True))
         self.sums.zero_()
-        self.batches = 0
+        self._moments()
         metrics["dead_fraction"] = (self.since_fired > self.cfg.dead_feature_threshold).float().mean().item()
         metrics["lr"] = lr
         return metrics
@@ -139,16 +162,46 @@ class LayerTrainer:
 def fit(cfg: TrainConfig) -> FitResult:
     try:
         return _fit(cfg)
-    except KeyboardInterrupt:  # Ctrl-C: say what survives (the last checkpoint) and how to go on
-        if os.environ.get("RANK", "0") == "0" and is_run(Path(cfg.out)):
-            try:
-                last = ckpt.latest(Path(cfg.out))
-            except (OSError, ValueError):  # the report must not hide the interrupt
-                last = None
+    except BaseException as e:
+        first = os.environ.get("RANK", "0") == "0"
+        restored = first and cfg.overwrite and _restore_replaced(Path(cfg.out))
+        if isinstance(e, KeyboardInterrupt) and first and restored:
+            print(f"interrupted before the first checkpoint: {cfg.out} holds the run it was replacing again; run the "
+                  "same `saetrain fit` command to start over", file=sys.stderr, flush=True)
+        elif isinstance(e, KeyboardInterrupt) and first and is_run(Path(cfg.out)):
+            # Ctrl-C: say what survives (the last checkpoint) and how to go on
+            last = _latest(Path(cfg.out))
             where = f"the last checkpoint is step {last[1]['step']:,}" if last else "no checkpoint was written yet"
             print(f"interrupted: {where} in {cfg.out}; run the same `saetrain fit` command with --resume"
                   f"{' instead of --overwrite' if cfg.overwrite else ''} to continue from it", file=sys.stderr, flush=True)
         raise
+
+
+def _replaced(out: Path) -> Path:
+    """Where `--overwrite` keeps the run it replaces until the new one has a checkpoint of its own."""
+    out = out.absolute()
+    return out.with_name(f".{out.name}.replaced")
+
+
+def _latest(out: Path):
+    try:
+        return ckpt.latest(out)
+    except (OSError, ValueError):  # a report or a clean-up must not hide the error that led to it
+        return None
+
+
+def _restore_replaced(out: Path) -> bool:
+    """A run that `--overwrite` was replacing goes back in place if the new one stopped before its first
+    checkpoint (a corrupt chunk, Ctrl-C, running out of memory): nothing is lost for nothing."""
+    try:
+        old = _replaced(out)
+        if not old.is_dir() or _latest(out) is not None:
+            return False
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(old, out)
+        return True
+    except (OSError, ValueError):  # (it must not hide the error that stopped the run)
+        return False
 
 
 def _fit(cfg: TrainConfig) -> FitResult:
@@ -302,6 +355,7 @@ def _check_finite(store: ActivationStore, layers: list[str], train: list[int], h
     for n in layers:
         bad = store.stats(n).nonfinite if n in store.manifest.stats else 0
         if bad and not excluding:
+            StoreLoader(store, [n], sorted([*train, *held]), **kw).check_finite()  # says where the first one is
             raise UserError(
                 f"store {store.path}: {n} has {bad} tokens with NaN or inf activations; exclude them "
                 "(--exclude-token-ids / --exclude-first-tokens) or re-collect in a wider dtype"
@@ -310,8 +364,9 @@ def _check_finite(store: ActivationStore, layers: list[str], train: list[int], h
             StoreLoader(store, [n], train, **kw).check_finite()
     if held and layers:
         loader = StoreLoader(store, layers, held, **kw)
-        if loader.epoch_tokens(0) == 0:
-            raise UserError("the exclusions leave no held-out tokens to evaluate on; raise --holdout or exclude fewer")
+        if (left := loader.epoch_tokens(0)) < 2:
+            raise UserError(f"the exclusions leave {left} held-out token(s), and the held-out FVU needs at least 2 "
+                            "(it divides by their variance); raise --holdout or exclude fewer")
         try:
             loader.check_finite()
         except UserError as e:
@@ -358,8 +413,9 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int, state: 
     """Create or reopen the run folder; when resuming, drop the metrics past the checkpoint."""
     barrier()
     if rank == 0:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
+        if cfg.overwrite and out.exists():  # set aside until the new run's first checkpoint
+            shutil.rmtree(_replaced(out), ignore_errors=True)
+            os.replace(out, _replaced(out))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", json.dumps(resolved, indent=2))
         metrics = out / "metrics.jsonl"
@@ -399,6 +455,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     acc = 0
     step_tokens = 0
     first = state is None and init is None  # a fresh SAE: b_dec from the first batch
+    diverged = None  # the message for a loss that is no longer finite
     try:
         while epoch < cfg.epochs and tokens_seen < max_tokens:
             per_epoch = _epoch_tokens(loader, epoch, dp)
@@ -412,7 +469,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                                 dist.broadcast(t.sae.b_dec.data, src=0)
                     first = False
                 for t in trainers.values():
-                    t.backward(batch.acts[t.name].to(torch.float32), 1 / cfg.grad_acc_steps, autocast)
+                    t.backward(batch.acts[t.name].to(torch.float32), autocast)
                 offset += n_local
                 n_global = n_local * (world if dp else 1)
                 step_tokens += n_global
@@ -426,6 +483,9 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                     m = t.step(step, step_tokens, dp)
                     lines.append({"step": step + 1, "layer": t.name, "tokens": base_tokens + tokens_seen + step_tokens, **m})
                 step += 1
+                diverged = diverged or _diverged(lines, step)
+                if diverged and (world == 1 or dp):  # (under --distribute-layers the ranks stop together, below)
+                    raise UserError(diverged)
                 tokens_seen += step_tokens
                 bar.update(step_tokens)
                 if lines:  # an idle rank (more ranks than layers) has none
@@ -438,12 +498,12 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                     wandb_run.log({f"{ln['layer']}/{k}": v for ln in lines for k, v in ln.items() if k not in ("step", "layer")},
                                   step=step)
                 if cfg.save_every and step % cfg.save_every == 0:
-                    _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, dp)
+                    _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged)
                 if tokens_seen >= max_tokens:
                     break
             if offset >= per_epoch:
                 epoch, offset = epoch + 1, 0
-        _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, dp)
+        _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged)
     finally:
         metrics_file.close()
         bar.close()
@@ -468,7 +528,19 @@ def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:
     return over_ranks(n, "min") if dp else n
 
 
-def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, dp) -> None:
+def _diverged(lines: list[dict], step: int) -> str | None:
+    bad = next((ln for ln in lines if not all(math.isfinite(ln[k]) for k in _LOSSES)), None)
+    if bad is None:
+        return None
+    losses = ", ".join(f"{k} {bad[k]}" for k in _LOSSES)
+    return (f"{bad['layer']} diverged at step {step:,} ({losses}); nothing of this step was saved: lower --lr "
+            "(or keep --grad-clip on) and train again with --overwrite")
+
+
+def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged=None) -> None:
+    """Save every layer's state and publish its SAE; a diverged layer on any rank stops every rank first."""
+    if error := any_error(diverged, world if not dp else 1):
+        raise collective(UserError(error))
     root = ckpt.ckpt_root(out)
     if not dp or rank == 0:
         for name, t in trainers.items():
@@ -478,20 +550,40 @@ def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, dp)
     if rank == 0:
         ckpt.write_state(root, step, {"step": step, "epoch": epoch, "epoch_tokens": offset, "tokens_seen": tokens_seen})
         ckpt.publish(root, step)
+        shutil.rmtree(_replaced(out), ignore_errors=True)  # the run --overwrite replaced, if any
     barrier()
 
 
 def _publish_sae(folder: Path, sae: Sae) -> None:
-    """Write layer_L/ through a temporary folder so a reader never sees half an SAE."""
+    """Write layer_L/ through a temporary folder so a reader never sees half an SAE; where the file
+    system can swap two folders in one step, never a missing one either."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save_to_disk(tmp)
+    if folder.exists() and _exchange(tmp, folder):
+        shutil.rmtree(tmp)  # the previous SAE
+        return
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where that is not
+    available (another OS, an old kernel or C library, a file system without it)."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device) -> dict[str, float]:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,10 +207,11 @@ def test_home_paths_and_named_dtypes(tmp_path, monkeypatch):
     loaded = Sae.load_from_disk("~/saes/layer_3", dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.W_dec, sae.W_dec.bfloat16())
     assert list(Sae.load_many("~/saes", local=True)) == ["layer_3"]
-    with pytest.raises(UserError, match="dtype 'float8' is not a torch dtype"):
-        Sae.load_from_disk("~/saes/layer_3", dtype="float8")
-    with pytest.raises(UserError, match="an SAE's dtype must be floating point, got torch.int32"):
-        Sae.load_from_disk("~/saes/layer_3", dtype="int32")
+    assert Sae.load_from_disk("~/saes/layer_3", dtype="bf16").dtype == torch.bfloat16  # as load_model's names
+    assert Sae.load_from_disk("~/saes/layer_3", dtype="torch.float64").dtype == torch.float64
+    for bad in ("float8", "int32", torch.int32):
+        with pytest.raises(UserError, match=rf"^unknown dtype {bad!r}; use bfloat16, float16 or float32"):
+            Sae.load_from_disk("~/saes/layer_3", dtype=bad)
 
 
 @pytest.mark.parametrize("key, value, expected", [("k", "8", "SaeConfig.k must be a whole number, got '8'"),
@@ -226,6 +228,14 @@ def test_refuses_cfg_without_d_in(tmp_path):
     cfg = {k: v for k, v in PUBLISHED_CFG.items() if k != "d_in"}
     with pytest.raises(UserError, match="has no 'd_in'"):
         Sae.load_from_disk(write_folder(tmp_path / "l", cfg=cfg))
+
+
+def test_refuses_k_above_the_latents_naming_the_file(tmp_path):
+    folder = write_folder(tmp_path / "l", cfg={**PUBLISHED_CFG, "k": 300})  # 256 latents
+    with pytest.raises(UserError) as e:
+        Sae.load_from_disk(folder)
+    assert str(e.value) == (f"{folder / 'cfg.json'}: k=300 is larger than the number of latents (256); lower k or "
+                            "raise expansion_factor/num_latents")
 
 
 def test_refuses_invalid_json(tmp_path):
@@ -316,6 +326,15 @@ def _run_folder(root: Path) -> Path:
     return root
 
 
+def test_hidden_folders_are_not_saes(tmp_path):
+    """A writer's temporaries (saetrain publishes layer_L through .layer_L.tmp) are never loaded."""
+    run = _run_folder(tmp_path / "run")
+    (run / ".layer_2.tmp").mkdir()
+    (run / ".layer_2.tmp" / "cfg.json").write_text("{")  # torn by a crash
+    shutil.copytree(run / "layer_0", run / ".layer_0.old")
+    assert list(Sae.load_many(run, local=True)) == ["layer_0", "layer_2", "layer_10"]
+
+
 def test_an_existing_folder_loads_locally_without_local_true(tmp_path, monkeypatch):
     """As transformers' from_pretrained: a name that is an existing folder is read in place, never sent to the Hub."""
     import sae_core.hub as hub
@@ -338,7 +357,7 @@ def test_an_existing_folder_loads_locally_without_local_true(tmp_path, monkeypat
         assert torch.equal(Sae.load_from_hub(str(name), hookpoint="layer_0").W_dec, expected["layer_0"].W_dec)
     assert torch.equal(Sae.load_from_hub("runs/a/layer_10").W_dec, expected["layer_10"].W_dec)  # one SAE's folder
     for call, message in [
-        (lambda: Sae.load_from_hub("runs/a", layer=5), "folder runs/a has no SAE for layer 5; it has: layers [0, 2, 10]"),
+        (lambda: Sae.load_from_hub("runs/a", layer=5), "folder runs/a has no SAE for layer 5; it has: layer_0, layer_2, layer_10"),
         (lambda: Sae.load_from_hub("runs/a"), "folder runs/a holds one SAE per layer; pass layer=N or hookpoint=NAME "
                                              "(it has: layer_0, layer_2, layer_10)"),
         (lambda: Sae.load_many("runs/a", layers=[5]), "runs/a has no SAE for layer 5; it has: layer_0, layer_2, layer_10"),
@@ -349,7 +368,7 @@ def test_an_existing_folder_loads_locally_without_local_true(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
-    "name", ["/no/such/run", "./runs/missing", "../missing", "~/no-such-sae-run-here", "runs/a/b", "runs/typo"]
+    "name", ["/no/such/run", "./runs/missing", "../missing", "~/no-such-sae-run-here", "runs/a/b"]
 )
 def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(tmp_path, monkeypatch, name):
     import sae_core.hub as hub
@@ -359,7 +378,7 @@ def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(tmp_path, 
 
     monkeypatch.setattr(hub, "snapshot_download", no_hub)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()  # runs/typo: a folder of this one, not a Hub user "runs"
+    (tmp_path / "runs").mkdir()
     message = (f"folder {name} does not exist; pass an existing folder of SAE folders (e.g. runs/NAME) "
                "or a Hub repo id (owner/name)")
     for call in (lambda: Sae.load_many(name), lambda: Sae.load_many_from_hub(name),

@@ -31,7 +31,9 @@ def run(tmp_path, model_dir, data_dir, name="s.zarr", **kw):
 
 
 def hidden_states(model_dir, ids: torch.Tensor, batch_size: int = 2):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # Frozen as `load_model` leaves it: transformers' Mamba (5.24) takes another, 1-ulp-different path
+    # when its weights require grad.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     outs = []
     with torch.no_grad():
         for b in range(0, len(ids), batch_size):

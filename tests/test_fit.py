@@ -106,11 +106,16 @@ def test_nan_activations_are_refused(tmp_path, tiny_model_dir, tiny_text_dir):
     out = tmp_path / "nan.zarr"
     collect(CollectConfig(out=out, model=str(tmp_path / "nanmodel"), dataset=str(tiny_text_dir), ctx_len=32,
                           layers="1,2", dtype="float32", device="cpu", progress=False))
-    with pytest.raises(UserError, match=r"layer_2 has \d+ tokens with NaN or inf"):
+    with pytest.raises(UserError) as e:  # located, to choose what to exclude
         fit(cfg(out, tmp_path / "r"))
-    fit(cfg(out, tmp_path / "r1", layers="1"))  # layer 1 is clean
+    m = re.search(r"layer_2 has NaN or inf activations \(\d+ tokens in this window, first at token (\d+): sequence "
+                  r"(\d+), position (\d+), token id (\d+)\); exclude them", str(e.value))
+    assert m, str(e.value)
     store = ActivationStore(out)
-    with pytest.raises(UserError, match=r"layer_2 has NaN or inf activations .* first at token \d+, sequence \d+"):
+    token, seq, pos, token_id = map(int, m.groups())
+    assert (seq, pos, token_id) == (token // 32, token % 32, int(store.tokens(token, token + 1)[0]))
+    fit(cfg(out, tmp_path / "r1", layers="1"))  # layer 1 is clean
+    with pytest.raises(UserError, match=r"layer_2 has NaN or inf activations .* first at token \d+: sequence \d+"):
         next(StoreLoader(store, ["layer_2"], store.committed_chunks(), seed=0).batches(0, 16))
 
 
@@ -158,6 +163,40 @@ def test_bad_inputs(capsys, store_path, tmp_path):
     assert f"{out} already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)
 
 
+def test_out_of_memory_is_one_line_with_the_fix(capsys, store_path, tmp_path, monkeypatch):
+    import saetrain.trainer as trainer
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB\nmore details")
+
+    monkeypatch.setattr(trainer, "Sae", oom)
+    assert err(capsys, "--store", store_path, "--out", tmp_path / "run") == (
+        "error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB); lower --batch-size "
+        "or raise --micro-acc-steps, or train fewer or smaller SAEs per process (--layers, --expansion-factor, "
+        "--distribute-layers); a run stopped midway continues with --resume")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_before_saving_it(store_path, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^layer_1 diverged at step \d+ \(fvu (nan|inf)"):
+        fit(cfg(store_path, run, layers="1", lr=1e30, grad_clip=0.0, lr_warmup_steps=1, save_every=1))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(np.isfinite(json.loads(ln)["fvu"]) for ln in lines)  # valid JSON, finite, up to the step before
+    assert all(torch.isfinite(p).all() for p in Sae.load_from_disk(run / "layer_1").parameters()) if lines else True
+
+
+def test_a_run_with_a_damaged_config_can_be_overwritten(capsys, store_path, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg(store_path, run, layers="1", max_tokens=64))
+    (run / "config.json").write_text("{")
+    assert "config.json cannot be read (JSONDecodeError" in err(capsys, "--store", store_path, "--out", run, "--resume")
+    assert fit(cfg(store_path, run, layers="1", max_tokens=64, overwrite=True)).steps == 1
+    (run / "config.json").write_text("{")
+    (run / "notes.txt").write_text("mine")  # not only what a run holds: not taken for one
+    assert f"--out {run} is not a saetrain run" in err(capsys, "--store", store_path, "--out", run, "--overwrite")
+
+
 def test_data_parallel_with_fewer_chunks_than_ranks_is_refused(store_path, tmp_path, monkeypatch):
     """A rank without a chunk would make every rank train 0 tokens (the epoch is the ranks' minimum):
     refused on every rank alike, before anything is written."""
@@ -184,6 +223,17 @@ def test_grad_acc_steps_make_whole_optimizer_steps(store_path, tmp_path):
         res = fit(cfg(store_path, tmp_path / f"acc{acc}", layers="1", max_tokens=80, grad_acc_steps=acc))
         assert (res.steps, res.tokens) == (2, 128), acc
         assert [ln["tokens"] for ln in _metrics(res.out)] == [64, 128]
+
+
+def test_publishing_an_sae_swaps_the_folder_whole(tmp_path):
+    from sae_core import SaeConfig
+    from saetrain.trainer import _publish_sae
+
+    saes = [Sae(8, SaeConfig(expansion_factor=2, k=2)) for _ in range(2)]
+    for sae in saes:
+        _publish_sae(tmp_path / "layer_0", sae)
+        assert torch.equal(Sae.load_from_disk(tmp_path / "layer_0").W_dec, sae.W_dec)
+        assert [p.name for p in tmp_path.iterdir()] == ["layer_0"]  # no temporaries left
 
 
 def test_init_from_continues_a_run_on_the_next_store(store_path, tmp_path):
@@ -223,16 +273,20 @@ def test_init_from_refuses_a_run_that_does_not_fit(store_path, tmp_path):
             fit(cfg(store_path, kw.pop("out", tmp_path / "b"), **kw))
 
 
-def test_micro_batches_add_up_to_the_batch(store_path, tmp_path):
-    """--micro-acc-steps only saves memory: the same step, down to one-token micro-batches."""
+def test_micro_batches_and_accumulated_batches_add_up_to_the_step(store_path, tmp_path):
+    """--micro-acc-steps and --grad-acc-steps only save memory: the same step (its losses over the
+    variance of all its tokens), down to one-token micro-batches and one-token accumulated batches.
+    (The runs start from one run's SAE, since a fresh one takes b_dec from its first batch.)"""
+    first = tmp_path / "first"
+    fit(cfg(store_path, first, layers="1", max_tokens=64, auxk_alpha=0.0))
     runs = {}
-    for micro in (1, 4, 64):
-        out = tmp_path / f"m{micro}"
-        fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, micro_acc_steps=micro, auxk_alpha=0.0))
-        runs[micro] = (Sae.load_from_disk(out / "layer_1"), [ln["fvu"] for ln in _metrics(out)])
-    ref, ref_fvu = runs[1]
-    for micro in (4, 64):
-        sae, fvu = runs[micro]
+    for micro, acc in ((1, 1), (4, 1), (64, 1), (1, 4), (2, 8), (1, 64)):
+        out = tmp_path / f"m{micro}a{acc}"
+        fit(cfg(store_path, out, layers="1", max_tokens=3 * 64, micro_acc_steps=micro, grad_acc_steps=acc,
+                auxk_alpha=0.0, init_from=first))
+        runs[micro, acc] = (Sae.load_from_disk(out / "layer_1"), [ln["fvu"] for ln in _metrics(out)])
+    ref, ref_fvu = runs.pop((1, 1))
+    for sae, fvu in runs.values():
         assert fvu == pytest.approx(ref_fvu, rel=1e-5)
         for (name, p), q in zip(ref.named_parameters(), sae.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
@@ -335,7 +389,7 @@ def test_exclusions_that_remove_every_bad_token_are_accepted(tmp_path, tiny_mode
     store = tmp_path / "inf.zarr"
     collect(CollectConfig(out=store, model=str(tmp_path / "infmodel"), dataset=str(tiny_text_dir), ctx_len=32,
                           layers="0", dtype="float32", device="cpu", progress=False, chunk_tokens=32))
-    with pytest.raises(UserError, match=r"layer_0 has \d+ tokens with NaN or inf"):
+    with pytest.raises(UserError, match=rf"layer_0 has NaN or inf activations .* position \d+, token id {bad_id}\)"):
         fit(cfg(store, tmp_path / "r0", layers="0"))
     with pytest.raises(UserError, match=r"layer_0 has NaN or inf activations .* first at token \d+"):
         fit(cfg(store, tmp_path / "r1", layers="0", exclude_token_ids=[bad_id + 1]))
@@ -453,6 +507,7 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
     (run / "notes.txt").write_text("a run's folder is the run's")
     fit(cfg(store_path, run, layers="2", max_tokens=64, overwrite=True))
     assert not (run / "notes.txt").exists() and json.loads((run / "config.json").read_text())["layers"] == ["layer_2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the old run is gone
     (tmp_path / "empty").mkdir()
     fit(cfg(store_path, tmp_path / "empty", layers="1", max_tokens=64, overwrite=True))
     # A run refused on its settings is left as it was.
@@ -460,6 +515,18 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
     assert "--lr must be a finite number, got inf" in err(capsys, "--store", store_path, "--out", run, "--overwrite",
                                                           "--lr", "inf", *base)
     assert _tree(run) == before
+    # One stopped by its data before its first checkpoint (a chunk whose bytes changed, its size kept) is put back.
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store_path, damaged)
+    shard = next(p for p in sorted((damaged / "layers" / "layer_2" / "c").rglob("*")) if p.is_file())
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+    assert "a chunk is corrupt or missing" in err(capsys, "--store", damaged, "--out", run, "--overwrite",
+                                                  "--layers", "2")
+    assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
+    monkeypatch.chdir(run)
+    assert err(capsys, "--store", store_path, "--out", ".", "--overwrite", *base) == (
+        "error: --out . holds the current folder, which --overwrite would replace under this process; run from "
+        "outside it")
 
 
 def test_an_empty_layer_selection_is_refused(capsys, store_path, tmp_path):

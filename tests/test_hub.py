@@ -192,7 +192,7 @@ def test_missing_layer_lists_the_repo_layers(hub: FakeHub, old_repo):
         Sae.load_from_hub(OLD_REPO, layer=7)
     msg = str(info.value)
     assert OLD_REPO in msg and "layer 7" in msg
-    assert "[0, 2, 10]" in msg
+    assert msg.endswith("it has: layer_0, layer_2, layer_10")  # every SAE folder, as load_many_from_hub says
     assert hub.downloaded() == []
 
 
@@ -301,6 +301,41 @@ def test_load_many_hub_and_local(hub: FakeHub, old_repo, tmp_path: Path):
     assert list(Sae.load_many(tmp_path / "repos" / "old", True, [10], "cpu")) == ["layer_10"]  # as sparsify's
 
 
+def test_a_local_folder_of_the_owners_name_does_not_hide_the_hub(hub: FakeHub, old_repo, tmp_path, monkeypatch):
+    """`./EleutherAI/` (say from `hf download --local-dir`) holding other things: `EleutherAI/<repo>` is still
+    the Hub repo; a name that is neither says so in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EleutherAI" / "other-model").mkdir(parents=True)
+    (tmp_path / "runs" / "k32").mkdir(parents=True)
+    assert_weights(Sae.load_from_hub(OLD_REPO, layer=10), old_repo["layer_10"])
+    assert list(Sae.load_many(OLD_REPO, layers=[0])) == ["layer_0"]
+    for call in (lambda: Sae.load_from_hub("runs/k23", layer=0), lambda: Sae.load_many("runs/k23")):
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value) == ("Hub repo 'runs/k23' not found (or private: log in with `hf auth login` or set "
+                                "HF_TOKEN), nor is runs/k23 a local folder")
+
+
+def test_folder_names_are_taken_literally_and_only_top_level_folders_are_fetched(hub: FakeHub, tmp_path: Path):
+    """huggingface_hub matches allow_patterns with fnmatch: `blocks[3]` must not fetch `blocks3`, and
+    `*/cfg.json` would also fetch SAEs nested deeper, which load_many_from_hub does not load."""
+    root = tmp_path / "repos" / "odd"
+    saved = {name: write_ours(root / name, seed) for name, seed in (("blocks[3]", 3), ("blocks3", 4), ("layers.2", 2))}
+    write_ours(root / "extra" / "layers.3", 5)
+    hub.add_repo(NEW_REPO, root)
+    assert_weights(Sae.load_from_hub(NEW_REPO, hookpoint="blocks[3]"), saved["blocks[3]"])
+    assert hub.fetched(NEW_REPO) == folder_files("blocks[3]")
+    hub.clear_log()  # (what is cached at this commit is not asked for again)
+    assert list(Sae.load_many_from_hub(NEW_REPO, pattern="blocks*")) == ["blocks3", "blocks[3]"]
+    assert hub.fetched(NEW_REPO) == folder_files("blocks3")
+    hub.clear_log()
+    assert list(Sae.load_many_from_hub(NEW_REPO)) == ["blocks3", "blocks[3]", "layers.2"]
+    assert hub.fetched(NEW_REPO) == folder_files("layers.2")
+    # A nested folder loads when named, as sparsify's load_many takes it (and load_from_hub's hookpoint=).
+    assert list(Sae.load_many_from_hub(NEW_REPO, layers="extra/layers.3")) == ["extra/layers.3"]
+    assert list(Sae.load_many(root, local=True, layers=["extra/layers.3", 2])) == ["extra/layers.3", "layers.2"]
+
+
 # ---------------------------------------------------------------------------------- revision
 def test_revision_pass_through(hub: FakeHub, tmp_path: Path):
     main = build_old_repo(tmp_path / "repos" / "main", seed=0)
@@ -323,7 +358,7 @@ def test_revision_pass_through(hub: FakeHub, tmp_path: Path):
     assert list(Sae.load_many(OLD_REPO, revision="v1", layers=[0])) == ["layer_0"]
 
     # What a revision lacks is reported from that revision's listing.
-    with pytest.raises(UserError, match=r"\[0, 10\]"):
+    with pytest.raises(UserError, match=r"it has: layer_0, layer_10$"):
         Sae.load_from_hub(OLD_REPO, layer=2, revision="v1")
     with pytest.raises(UserError, match="v9"):
         Sae.load_from_hub(OLD_REPO, layer=10, revision="v9")
@@ -346,7 +381,7 @@ def test_offline_loads_from_cache(hub: FakeHub, old_repo, monkeypatch: pytest.Mo
         Sae.load_many_from_hub(OLD_REPO)
     # A layer the repo does not have at all: the listing cached by the first download names
     # every layer of the repo, not only the cached one.
-    with pytest.raises(UserError, match=r"layer 7.*\[0, 2, 10\]"):
+    with pytest.raises(UserError, match=r"layer 7; it has: layer_0, layer_2, layer_10$"):
         Sae.load_from_hub(OLD_REPO, layer=7)
     with pytest.raises(UserError, match="layer_0, layer_2, layer_10"):
         Sae.load_from_hub(OLD_REPO)
@@ -365,7 +400,7 @@ def test_unreachable_hub_falls_back_on_cache(hub: FakeHub, old_repo):
     # A layer the repo lacks: named from the cached listing, with no connection error escaping
     # and no retrying with back-off against the dead endpoint (that takes ~20 s).
     start = time.monotonic()
-    with pytest.raises(UserError, match=r"layer 7.*\[0, 2, 10\]"):
+    with pytest.raises(UserError, match=r"layer 7; it has: layer_0, layer_2, layer_10$"):
         Sae.load_from_hub(OLD_REPO, layer=7)
     with pytest.raises(UserError, match=r"7.*layer_0, layer_2, layer_10"):
         Sae.load_many_from_hub(OLD_REPO, layers=[10, 7])

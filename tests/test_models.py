@@ -24,8 +24,9 @@ def tiny_folder(tmp_path):
 
 def test_load_local_folder(tiny_folder):
     folder, ref = tiny_folder
-    model, tok = load_model(str(folder))
+    model, tok = load_model(folder)  # a Path, as from_pretrained takes one
     assert num_layers(model) == 3 and d_model(model) == 16
+    assert load_model(str(folder), dtype="float64").model.dtype == torch.float64
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     ids = torch.tensor([tok("w1 w2 w3 w4").input_ids])
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_smollm2_cached_conversion_is_fast_and_reused(smollm2):
     assert convert_gguf(gguf) == folder
     written = (folder / "model.safetensors").stat().st_mtime_ns
     t = time.perf_counter()
-    model, _ = load_model(str(gguf))  # a .gguf path goes through the same cache
+    model, _ = load_model(gguf)  # a .gguf path goes through the same cache
     # Reused, not converted again (a conversion takes ~30 s; a cached load well under a second
     # on a quiet machine, so the bound only catches a reconversion, not a busy CI runner).
     assert (folder / "model.safetensors").stat().st_mtime_ns == written

@@ -424,8 +424,10 @@ def test_half_model_float32_input(dtype):
     x = rand_x(4, 6).float()
     top_acts, top_indices = sae.encode(x)
     assert top_acts.dtype == dtype and top_indices.shape == (4, 6, K)
-    # encode casts the input to the model's dtype first.
-    ref_acts, ref_idx = sae.encode(x.to(dtype))
+    # encode centres the input in fp32, then casts the difference to the model's dtype.
+    centred = (x - sae.b_dec.float()).to(dtype)
+    ref_acts, ref_idx = sae.select_topk(torch.relu(torch.nn.functional.linear(centred, sae.encoder.weight,
+                                                                              sae.encoder.bias)))
     assert torch.equal(top_acts.sort(-1).values, ref_acts.sort(-1).values)
     assert torch.equal(top_indices.sort(-1).values, ref_idx.sort(-1).values)
 
