@@ -66,8 +66,8 @@ def collect(
         chunk_mb=chunk_mb, seqs_per_shard=seqs_per_shard, chunk_tokens=chunk_tokens,
         write_threads=write_threads, progress=progress,
     )
-    with out_of_memory("lower --batch-size or --ctx-len, or load the model in 8 bits (--load-in-8bit); "
-                       "a collection stopped midway continues with --resume"):
+    with out_of_memory("lower --batch-size (--resume continues a collection with it), or start again with a "
+                       "shorter --ctx-len or the model in 8 bits (--load-in-8bit)"):
         res = run(cfg)
     if res.tokens_committed >= 0:
         typer.echo(

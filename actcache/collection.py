@@ -46,6 +46,7 @@ from sae_core.store.writer import (
     consolidate_manifests,
     create_store,
     lock_store,
+    stored_layout,
 )
 
 from . import data, packing
@@ -168,6 +169,9 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
     count = None if cfg.max_tokens is None else -(-cfg.max_tokens // cfg.ctx_len)
     seed = None if cfg.seed is None or cfg.seed < 0 else cfg.seed  # as the CLI's negative --seed
     seqs, total = packing.window(docs, tokenizer, cfg.ctx_len, seed, skip, count)
+    if not docs.tokenized and getattr(tokenizer, "eos_token_id", None) is None and os.environ.get("RANK", "0") == "0":
+        print("note: the tokenizer has no EOS token, so documents are joined with nothing between them "
+              "(the store's data.packing says so)", file=sys.stderr)
     if len(seqs) == 0:
         raise DataExhausted(
             f"--skip-tokens {cfg.skip_tokens:,} skips all {total * cfg.ctx_len:,} tokens of dataset {docs.id}; "
@@ -183,19 +187,20 @@ def prepare(cfg: CollectConfig, docs: data.Documents, tokenizer) -> tuple[np.nda
         "skip_tokens": cfg.skip_tokens,
         "first_sequence": skip,
         "num_sequences": int(len(seqs)),
-        "packing": _packing(docs, seed, cfg.ctx_len),
+        "packing": _packing(docs, seed, cfg.ctx_len, getattr(tokenizer, "eos_token_id", None)),
         "fingerprint": packing.fingerprint(seqs),
     }
     return seqs, meta
 
 
-def _packing(docs: data.Documents, seed: int | None, ctx_len: int) -> str:
+def _packing(docs: data.Documents, seed: int | None, ctx_len: int, eos: int | None) -> str:
     """How the sequences were made, in words (the store's `data.packing`)."""
     order = "in dataset order" if seed is None else "in seeded order"
     if docs.tokenized:
         how = f"rows of token ids {order}, concatenated as they are (no EOS added; rows of ctx_len kept whole)"
     else:
-        how = (f"documents ({docs.cut})" if docs.cut else "documents") + f" {order}, joined by EOS"
+        joined = "joined by EOS" if eos is not None else "joined with nothing between them (the tokenizer has no EOS token)"
+        how = (f"documents ({docs.cut})" if docs.cut else "documents") + f" {order}, {joined}"
     how += ", cut into ctx_len sequences (remainder dropped)"
     return how if seed is None else how + f"; blocks of {packing.shuffle_block(ctx_len)} sequences in seeded order"
 
@@ -263,6 +268,11 @@ def _collect(cfg: CollectConfig) -> CollectResult:
             num_sequences=len(seqs), ctx_len=cfg.ctx_len, bytes_per_token=max(widths.values()) * itemsize,
             shard_mb=cfg.shard_mb, chunk_mb=cfg.chunk_mb, seqs_per_shard=cfg.seqs_per_shard, chunk_tokens=cfg.chunk_tokens,
         )
+        if cfg.resume and cfg.seqs_per_shard is None and cfg.chunk_tokens is None:
+            # Shards and chunks as the store was made, whatever sizes this version would pick for the same data.
+            old = stored_layout(Path(cfg.out))
+            if old is not None and (old.num_sequences, old.ctx_len) == (layout.num_sequences, layout.ctx_len):
+                layout = old
     meta = {
         "model": _model_meta(cfg, model),
         "tokenizer": _path_or_id(getattr(tokenizer, "name_or_path", None)),
@@ -317,7 +327,19 @@ def _collect_shards(cfg, out, layout, manifest, capture, seqs, device, rank, wor
     barrier()  # every rank returns with the manifests folded: what it reads next is settled
     written = over_ranks(written)  # what all ranks wrote, for rank 0's summary
     committed = sum(r.tokens[1] - r.tokens[0] for r in manifest.shards.values()) if rank == 0 else -1
+    if rank == 0:
+        _warn_nonfinite(manifest, cfg.dtype)
     return CollectResult(out, written, committed, time.perf_counter() - t0)
+
+
+def _warn_nonfinite(manifest: Manifest, dtype: str) -> None:
+    """Say which arrays hold NaN or inf (a model's own, or float16's overflow above 65504): the store is
+    sound, but training refuses such tokens unless they are excluded."""
+    bad = ", ".join(f"{n} has {s.nonfinite:,}" for n, s in manifest.stats.items() if s.nonfinite)
+    if bad:
+        fix = "store in bfloat16 (float16 overflows above 65504) or " if dtype == "float16" else ""
+        print(f"warning: {bad} token(s) with NaN or inf activations; {fix}exclude them when training "
+              "(saetrain fit --exclude-token-ids / --exclude-first-tokens)", file=sys.stderr)
 
 
 def _open_for_write(cfg, out: Path, meta: dict, layout: StoreLayout, widths: dict, itemsize: int):

@@ -195,7 +195,7 @@ def _read_text(path: Path, piece: slice | None = None) -> str:
             f.seek(start)
             return _decode(f.read(end - start))
     if path.suffix.lower() not in COMPRESSIONS:
-        return path.read_text(errors="replace")
+        return _decode(path.read_bytes())  # UTF-8 whatever the locale, as the pieces of a large file
     return _decode(b"".join(_decompress(path)))
 
 
@@ -407,6 +407,14 @@ def _load_hub_dataset(datasets, dataset: str, config: str | None, split: str, te
     return datasets.concatenate_datasets(parts)
 
 
+def _saved_without_data(path: Path) -> bool:
+    """Whether a folder written by `Dataset.save_to_disk` lists no data files (0 rows were saved)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_documents(
     dataset: str | None, *, split: str = "train", text_column: str = "text", config: str | None = None
 ) -> Documents:
@@ -430,6 +438,8 @@ def load_documents(
             try:
                 saved = _datasets().load_from_disk(str(path))
             except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
+                if _saved_without_data(path):  # datasets saves an empty dataset that it cannot load back
+                    raise UserError(f"dataset {path} is empty; point --dataset at data with at least one document") from None
                 raise UserError(f"cannot read the saved dataset {path} ({first_line(e)}); save it again") from None
             return _from_table(_pick_split(saved, dataset, split), str(path.resolve()), text_column)
         files = _data_files(path)

@@ -32,11 +32,17 @@ def _first_tensor(x):
 
 
 def match_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Module paths matching the fnmatch patterns, in module order."""
-    names = [name for name, _ in model.named_modules() if name]
+    """Module paths matching the fnmatch patterns, in module order; containers (a ModuleList of blocks),
+    which are never called themselves, are not among them."""
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    names = [name for name, m in modules if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
     chosen = [n for n in names if any(fnmatch(n, p) for p in patterns)]
     for p in patterns:
         if not any(fnmatch(n, p) for n in names):
+            if found := next(((n, m) for n, m in modules if fnmatch(n, p)), None):
+                member = next((n for n in names if n.startswith(found[0] + ".")), f"{found[0]}.0")
+                raise UserError(f"hookpoint pattern {p!r} matches only {found[0]}, a {type(found[1]).__name__} of "
+                                f"modules, which is never called itself; name its members (e.g. {member!r})")
             raise UserError(f"hookpoint pattern {p!r} matches no module of the model; module paths look like {_example_path(model, names)!r}")
     return chosen
 

@@ -98,7 +98,9 @@ def _pack_more(docs: Documents, tokenizer, ctx_len: int, order: np.ndarray, stat
             texts = [t for t in rows if t]
             rows = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
         out, pending = [], state.pending
-        for ids in rows:
+        for i, ids in enumerate(rows):
+            if docs.tokenized:
+                ids = _token_ids(ids, docs, idx[i])
             if len(ids) == 0:
                 continue
             state.docs_with_tokens += 1
@@ -115,6 +117,21 @@ def _pack_more(docs: Documents, tokenizer, ctx_len: int, order: np.ndarray, stat
                 del pending[:cut]
         state.sequences += len(out)
         yield np.stack(out) if out else np.empty((0, ctx_len), dtype=np.int32)
+
+
+def _token_ids(row, docs: Documents, doc: int) -> list[int]:
+    """A pre-tokenized row as token ids, refused unless it is a flat list of whole numbers >= 0."""
+    try:
+        ids = np.asarray(row)
+    except (TypeError, ValueError):
+        ids = np.asarray(row, dtype=object)
+    if ids.ndim == 1 and ids.size == 0:
+        return []
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or int(ids.min()) < 0 or int(ids.max()) >= 2**31:
+        shown = repr(row) if len(repr(row)) <= 60 else f"{repr(row)[:57]}..."
+        raise UserError(f"dataset {docs.id}: input_ids of row {doc} must be a list of token ids (whole numbers from 0), "
+                        f"got {shown}; tokenize the text again with the model's tokenizer")
+    return ids.tolist()
 
 
 def _check_not_empty(docs: Documents, state: PackState, ctx_len: int) -> None:

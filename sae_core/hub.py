@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from glob import escape
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
     except RevisionNotFoundError:
         raise UserError(f"Hub repo {repo_id!r} has no revision {revision!r}; check the branch, tag or commit") from None
     except LocalEntryNotFoundError:
-        folders = " or ".join(sorted({p.split("/")[0] for p in allow_patterns if "/" in p} - {"*"}))
+        # (the folder names as given: glob.escape wrapped their `[`, `*` and `?` in brackets)
+        folders = " or ".join(sorted({re.sub(r"\[(.)\]", r"\1", p.split("/")[0]) for p in allow_patterns if "/" in p} - {"*"}))
         what = f"{folders} of {repo_id!r}" if folders else f"Hub repo {repo_id!r}"
         raise UserError(f"{not_cached(what)} (nor is {repo_id} a local folder)") from None
 

@@ -12,11 +12,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import as_path
@@ -110,8 +112,12 @@ def convert_gguf(gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError, IndexError, struct.error, EOFError) as e:  # what the GGUF reader meets
+            raise UserError(f"cannot read GGUF file {gguf} ({first_line(e)}); it is damaged or not a GGUF model: "
+                            "download it again") from None
         # The dequantized weights are plain fp32 tensors; drop the GGUF quantizer so the
         # folder loads as an ordinary checkpoint.
         if hasattr(model.config, "quantization_config"):
@@ -235,6 +241,9 @@ def _load(
         ) from None
     except UserError:
         raise
+    except SafetensorError as e:
+        raise UserError(f"cannot load model {name_or_path!r}: a weights file is damaged ({first_line(e)}); download "
+                        "or save the model again") from None
     except ValueError as e:  # e.g. an encoder-decoder or encoder-only model
         raise UserError(f"cannot load {name_or_path!r} as a causal language model ({first_line(e)})") from None
     model.eval()

@@ -173,12 +173,14 @@ class Sae(nn.Module):
         self._check_input(x)
         self._check_dead_mask(dead_mask, x)
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in).to(self.dtype)
+        given = x.reshape(-1, self.d_in)
+        x = given.to(self.dtype)
         sae_in = x - self.b_dec
         reads = self._reads()
-        # Dense pre-activations without autograd: only the selected entries get gradients.
+        # Dense pre-activations without autograd: only the selected entries get gradients. From the input
+        # as given, so that the latents are those `encode` picks (centred before a cast to a narrower dtype).
         with torch.no_grad():
-            pre_acts = self._pre_acts(x, reads)
+            pre_acts = self._pre_acts(given, reads)
         top_acts, top_indices = self._selected(sae_in, pre_acts, self.cfg.k, reads)
         sae_out = self._decode_sparse(top_acts, top_indices, reads) + self.b_dec
         residual = x - sae_out

@@ -75,8 +75,9 @@ def fit(
         overwrite=overwrite, distribute_layers=distribute_layers, device=device, grad_clip=grad_clip,
         read_threads=read_threads, wandb=wandb, progress=progress,
     )
-    with out_of_memory("lower --batch-size or raise --micro-acc-steps, or train fewer or smaller SAEs per process "
-                       "(--layers, --expansion-factor, --distribute-layers); a run stopped midway continues with --resume"):
+    with out_of_memory("raise --micro-acc-steps (it splits each batch; --resume continues a run with it), or start "
+                       "again with a smaller --batch-size or fewer or smaller SAEs per process (--layers, "
+                       "--expansion-factor, --distribute-layers)"):
         res = run(cfg)
     import torch.distributed as dist
 

@@ -120,10 +120,13 @@ class StoreLoader:
             acts[name] = x[perm]
         return token_index[perm], acts
 
-    def check_finite(self) -> None:
-        """Read every chunk once, raising as training would on a kept NaN or inf token."""
+    def check_finite(self, windows: int | None = None) -> None:
+        """Read every chunk once (or those of the first `windows` windows), raising as training would on a
+        kept NaN or inf token."""
         with ThreadPoolExecutor(self.read_threads, thread_name_prefix="saetrain-check") as pool:
             for w, chunks in enumerate(self.windows(0)):
+                if windows is not None and w >= windows:
+                    return
                 self._read_window(pool, 0, w, chunks)
 
     def _producer(self, epoch: int, first_window: int, q: queue.Queue, halt: threading.Event) -> None:

@@ -140,8 +140,8 @@ def is_run(folder: Path) -> bool:
     config = folder / "config.json"
     try:
         data = json.loads(config.read_text())
-        if isinstance(data, dict) and all(k in data for k in RUN_KEYS):
-            return True
+        if isinstance(data, dict):  # readable: saetrain's or another tool's (a model's config.json)
+            return all(k in data for k in RUN_KEYS)
     except FileNotFoundError:
         return False
     except (OSError, ValueError):

@@ -197,8 +197,12 @@ def _restore_replaced(out: Path) -> bool:
         old = _replaced(out)
         if not old.is_dir() or _latest(out) is not None:
             return False
-        shutil.rmtree(out, ignore_errors=True)
+        failed = old.with_name(old.name.removesuffix(".replaced") + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        if out.exists():  # renamed whole (another rank may still be writing into it), then deleted
+            os.replace(out, failed)
         os.replace(old, out)
+        shutil.rmtree(failed, ignore_errors=True)
         return True
     except (OSError, ValueError):  # (it must not hide the error that stopped the run)
         return False
@@ -355,7 +359,8 @@ def _check_finite(store: ActivationStore, layers: list[str], train: list[int], h
     for n in layers:
         bad = store.stats(n).nonfinite if n in store.manifest.stats else 0
         if bad and not excluding:
-            StoreLoader(store, [n], sorted([*train, *held]), **kw).check_finite()  # says where the first one is
+            # Where the first one is, if the first windows hold one (a bounded read: the layer is refused anyway).
+            StoreLoader(store, [n], sorted([*train, *held]), **kw).check_finite(windows=4)
             raise UserError(
                 f"store {store.path}: {n} has {bad} tokens with NaN or inf activations; exclude them "
                 "(--exclude-token-ids / --exclude-first-tokens) or re-collect in a wider dtype"
@@ -413,9 +418,17 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int, state: 
     """Create or reopen the run folder; when resuming, drop the metrics past the checkpoint."""
     barrier()
     if rank == 0:
-        if cfg.overwrite and out.exists():  # set aside until the new run's first checkpoint
-            shutil.rmtree(_replaced(out), ignore_errors=True)
-            os.replace(out, _replaced(out))
+        if cfg.overwrite and out.is_dir() and any(out.iterdir()):  # set aside until the new run's first checkpoint
+            kept = _replaced(out)
+            if kept.is_dir() and _latest(out) is None:
+                # An earlier --overwrite stopped before its first checkpoint (killed): the run kept is still
+                # the one being replaced, and what is in `out` is that attempt's beginning.
+                print(f"note: {kept} holds the run an earlier --overwrite was replacing; it is kept until this "
+                      "run's first checkpoint", file=sys.stderr, flush=True)
+                shutil.rmtree(out)
+            else:
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(out, kept)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", json.dumps(resolved, indent=2))
         metrics = out / "metrics.jsonl"
@@ -455,7 +468,6 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
     acc = 0
     step_tokens = 0
     first = state is None and init is None  # a fresh SAE: b_dec from the first batch
-    diverged = None  # the message for a loss that is no longer finite
     try:
         while epoch < cfg.epochs and tokens_seen < max_tokens:
             per_epoch = _epoch_tokens(loader, epoch, dp)
@@ -483,9 +495,13 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                     m = t.step(step, step_tokens, dp)
                     lines.append({"step": step + 1, "layer": t.name, "tokens": base_tokens + tokens_seen + step_tokens, **m})
                 step += 1
-                diverged = diverged or _diverged(lines, step)
-                if diverged and (world == 1 or dp):  # (under --distribute-layers the ranks stop together, below)
-                    raise UserError(diverged)
+                # Data-parallel ranks see the same (averaged) losses; under --distribute-layers each has its
+                # own layers, and the ranks stop together where any diverged.
+                diverged = _diverged(lines, step)
+                if world > 1 and not dp and over_ranks(int(diverged is not None), "max"):
+                    diverged = any_error(diverged, world)
+                if diverged:
+                    raise collective(UserError(diverged)) if world > 1 else UserError(diverged)
                 tokens_seen += step_tokens
                 bar.update(step_tokens)
                 if lines:  # an idle rank (more ranks than layers) has none
@@ -498,12 +514,12 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                     wandb_run.log({f"{ln['layer']}/{k}": v for ln in lines for k, v in ln.items() if k not in ("step", "layer")},
                                   step=step)
                 if cfg.save_every and step % cfg.save_every == 0:
-                    _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged)
+                    _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp)
                 if tokens_seen >= max_tokens:
                     break
             if offset >= per_epoch:
                 epoch, offset = epoch + 1, 0
-        _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged)
+        _checkpoint(out, trainers, step, epoch, offset, tokens_seen, rank, world, dp)
     finally:
         metrics_file.close()
         bar.close()
@@ -537,10 +553,16 @@ def _diverged(lines: list[dict], step: int) -> str | None:
             "(or keep --grad-clip on) and train again with --overwrite")
 
 
-def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, world, dp, diverged=None) -> None:
-    """Save every layer's state and publish its SAE; a diverged layer on any rank stops every rank first."""
-    if error := any_error(diverged, world if not dp else 1):
-        raise collective(UserError(error))
+def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, world, dp) -> None:
+    """Save every layer's state and publish its SAE. Weights that are no longer finite (an update that
+    blew up after a finite loss) are saved nowhere: every rank stops first."""
+    broken = next((n for n, t in trainers.items() if not all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())),
+                  None)
+    error = None if broken is None else (f"{broken} diverged at step {step:,} (its weights are no longer finite); "
+                                         "nothing of this step was saved: lower --lr (or keep --grad-clip on) and "
+                                         "train again with --overwrite")
+    if error := any_error(error, world if not dp else 1):
+        raise collective(UserError(error)) if world > 1 else UserError(error)
     root = ckpt.ckpt_root(out)
     if not dp or rank == 0:
         for name, t in trainers.items():

@@ -61,6 +61,12 @@ def test_bad_layers(capsys, base, layers, msg):
     assert msg in cli(capsys, *base, "--layers", layers)
 
 
+def test_a_container_of_modules_is_no_hookpoint(capsys, base):
+    assert cli(capsys, *base, "--hookpoints", "model.layers") == (
+        "error: hookpoint pattern 'model.layers' matches only model.layers, a ModuleList of modules, which is never "
+        "called itself; name its members (e.g. 'model.layers.0')")
+
+
 def test_unknown_hookpoint(capsys, base):
     assert "hookpoint pattern 'model.nothing.*' matches no module" in cli(capsys, *base, "--hookpoints", "model.nothing.*")
 
@@ -99,6 +105,26 @@ def test_empty_or_too_short_dataset(capsys, base, tmp_path, content):
     assert ("is empty" in err) if not content else ("fewer than --ctx-len 32" in err)
 
 
+def test_empty_saved_dataset(capsys, base, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": []}).save_to_disk(tmp_path / "empty")  # datasets cannot load it back
+    capsys.readouterr()
+    assert cli(capsys, *base, "--dataset", tmp_path / "empty") == (
+        f"error: dataset {tmp_path / 'empty'} is empty; point --dataset at data with at least one document")
+
+
+def test_damaged_model_files(capsys, base, tmp_path, tiny_model_dir):
+    (tmp_path / "junk.gguf").write_text("garbage")
+    assert cli(capsys, *base, "--model", tmp_path / "junk.gguf").startswith(
+        f"error: cannot read GGUF file {tmp_path / 'junk.gguf'} (ValueError: ")
+    shutil.copytree(tiny_model_dir, tmp_path / "cut")
+    with open(tmp_path / "cut" / "model.safetensors", "r+b") as f:
+        f.truncate(2000)
+    assert cli(capsys, *base, "--model", tmp_path / "cut").startswith(
+        f"error: cannot load model '{tmp_path / 'cut'}': a weights file is damaged (SafetensorError: ")
+
+
 def test_missing_dataset_path(capsys, base):
     assert "dataset path ./no/such.jsonl does not exist" in cli(capsys, *base, "--dataset", "./no/such.jsonl")
 
@@ -124,6 +150,35 @@ def test_existing_store_needs_resume_or_overwrite(capsys, base, store):
 def test_resume_with_other_settings(capsys, base, store, change, what):
     err = cli(capsys, *base, *change, "--resume")
     assert f"cannot resume {store}: {what}" in err and "or --overwrite" in err
+
+
+def test_resume_with_another_model_names_the_model(capsys, base, store, tmp_path):
+    from tests.conftest import byte_tokenizer, tiny_llama
+
+    tiny_llama(num_layers=4, hidden=32, vocab=257).save_pretrained(tmp_path / "wide")
+    byte_tokenizer().save_pretrained(tmp_path / "wide")
+    capsys.readouterr()
+    assert "cannot resume" in (err := cli(capsys, *base, "--layers", "0,2", "--model", tmp_path / "wide", "--resume"))
+    assert ": model.id differs (store: " in err
+
+
+def test_resume_keeps_the_layout_the_store_was_made_with(base, tmp_path, monkeypatch):
+    """A store made by a version whose planner chose other shard or chunk sizes for the same data resumes."""
+    import actcache.collection as collection
+
+    i = base.index("--seqs-per-shard")
+    argv = [str(a) for a in base[:i] + base[i + 2 :]] + ["--layers", "0"]  # sizes left to the planner
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--max-tokens", "600"])
+    assert e.value.code in (0, None)
+    made = ActivationStore(tmp_path / "s.zarr").layout
+    real = collection.plan_layout
+    monkeypatch.setattr(collection, "plan_layout", lambda **kw: real(**{**kw, "chunk_mb": 0.001}))
+    assert real(num_sequences=made.num_sequences, ctx_len=32, bytes_per_token=32, chunk_mb=0.001) != made
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--max-tokens", "600", "--resume"])
+    assert e.value.code in (0, None)
+    assert ActivationStore(tmp_path / "s.zarr").layout == made and verify_store(tmp_path / "s.zarr") == []
 
 
 def test_resume_a_store_of_an_older_data_order(capsys, base, store):
@@ -326,8 +381,16 @@ def test_model_limits_are_checked_before_the_store_is_touched(capsys, base, stor
     from datasets import Dataset
 
     Dataset.from_dict({"input_ids": [[5, 300, 7] * 20]}).save_to_disk(tmp_path / "oov")
+    capsys.readouterr()  # (datasets' progress bar)
     assert "token id 300 in the data is outside the model's vocabulary (257 embeddings)" in cli(
         capsys, *base, "--dataset", tmp_path / "oov", "--out", tmp_path / "oov.zarr")
+    # Ids that are no token ids at all, even with --overwrite of a good store: refused before it is touched.
+    for i, row in enumerate(([1, 2, -5] * 20, [1.5, 2.0] * 30, ["a", "b"] * 30, [2**40] * 60)):
+        Dataset.from_dict({"input_ids": [row]}).save_to_disk(tmp_path / f"bad{i}")
+        capsys.readouterr()
+        assert f"input_ids of row 0 must be a list of token ids (whole numbers from 0), got {str(row)[:20]}" in cli(
+            capsys, *base, "--layers", "0,2", "--dataset", tmp_path / f"bad{i}", "--overwrite")
+    assert (verify_store(store), ActivationStore(store).num_tokens) == before
 
 
 def test_dataset_files_by_format_and_split(capsys, base, tmp_path, monkeypatch):
@@ -457,6 +520,10 @@ def test_plan_layout_shards_are_whole_chunks_for_any_amount_of_data():
         16, 5, [8, 9], range(2048, 2432))
     # Without --chunk-tokens the shard is cut to the data, as before (stores made so still resume).
     assert plan_layout(num_sequences=76, ctx_len=32, bytes_per_token=32).seqs_per_shard == 76
+    # Chunks near 2 MiB whatever the sequence length: the divisor of the shard nearest by ratio, not the
+    # largest below (6 tokens for 2 sequences of 2049 = 3 x 683 at d=4096 in bf16).
+    for ctx, chunk in ((2048, 256), (2049, 683), (2039, 2039), (4099, 4099), (1000, 250)):
+        assert plan_layout(num_sequences=10**5, ctx_len=ctx, bytes_per_token=8192).chunk_tokens == chunk, ctx
 
 
 @pytest.mark.parametrize("extra", [[], ["--seqs-per-shard", "16"]])

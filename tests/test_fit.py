@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 
@@ -171,9 +172,9 @@ def test_out_of_memory_is_one_line_with_the_fix(capsys, store_path, tmp_path, mo
 
     monkeypatch.setattr(trainer, "Sae", oom)
     assert err(capsys, "--store", store_path, "--out", tmp_path / "run") == (
-        "error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB); lower --batch-size "
-        "or raise --micro-acc-steps, or train fewer or smaller SAEs per process (--layers, --expansion-factor, "
-        "--distribute-layers); a run stopped midway continues with --resume")
+        "error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB); raise "
+        "--micro-acc-steps (it splits each batch; --resume continues a run with it), or start again with a smaller "
+        "--batch-size or fewer or smaller SAEs per process (--layers, --expansion-factor, --distribute-layers)")
     assert not (tmp_path / "run").exists()
 
 
@@ -225,15 +226,24 @@ def test_grad_acc_steps_make_whole_optimizer_steps(store_path, tmp_path):
         assert [ln["tokens"] for ln in _metrics(res.out)] == [64, 128]
 
 
-def test_publishing_an_sae_swaps_the_folder_whole(tmp_path):
+def test_publishing_an_sae_swaps_the_folder_whole(tmp_path, monkeypatch):
     from sae_core import SaeConfig
+    from saetrain import trainer
     from saetrain.trainer import _publish_sae
 
-    saes = [Sae(8, SaeConfig(expansion_factor=2, k=2)) for _ in range(2)]
-    for sae in saes:
-        _publish_sae(tmp_path / "layer_0", sae)
-        assert torch.equal(Sae.load_from_disk(tmp_path / "layer_0").W_dec, sae.W_dec)
-        assert [p.name for p in tmp_path.iterdir()] == ["layer_0"]  # no temporaries left
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    assert trainer._exchange(tmp_path / "a", tmp_path / "b")  # this file system swaps folders in one step
+    assert (tmp_path / "b" / "x").read_text() == "a" and not any((tmp_path / "a").iterdir())
+    for exchange in (trainer._exchange, lambda a, b: False):  # and where it cannot: two renames
+        monkeypatch.setattr(trainer, "_exchange", exchange)
+        folder = tmp_path / exchange.__name__
+        folder.mkdir()
+        for sae in [Sae(8, SaeConfig(expansion_factor=2, k=2)) for _ in range(2)]:
+            _publish_sae(folder / "layer_0", sae)
+            assert torch.equal(Sae.load_from_disk(folder / "layer_0").W_dec, sae.W_dec)
+            assert [p.name for p in folder.iterdir()] == ["layer_0"]  # no temporaries left
 
 
 def test_init_from_continues_a_run_on_the_next_store(store_path, tmp_path):
@@ -512,6 +522,7 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
     fit(cfg(store_path, tmp_path / "empty", layers="1", max_tokens=64, overwrite=True))
     # A run refused on its settings is left as it was.
     before = _tree(run)
+    capsys.readouterr()
     assert "--lr must be a finite number, got inf" in err(capsys, "--store", store_path, "--out", run, "--overwrite",
                                                           "--lr", "inf", *base)
     assert _tree(run) == before
@@ -523,6 +534,19 @@ def test_overwrite_replaces_only_a_saetrain_run(capsys, store_path, tmp_path, mo
     assert "a chunk is corrupt or missing" in err(capsys, "--store", damaged, "--out", run, "--overwrite",
                                                   "--layers", "2")
     assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
+    # An --overwrite killed before its first checkpoint left the run aside and its own beginning in place
+    # (as `_prepare_out` leaves them): the next --overwrite keeps the run aside, not that beginning.
+    os.replace(run, tmp_path / ".run.replaced")
+    run.mkdir()
+    shutil.copy(tmp_path / ".run.replaced" / "config.json", run / "config.json")
+    with pytest.raises(SystemExit):
+        main(["fit", "--store", str(damaged), "--out", str(run), "--overwrite", "--layers", "2", "--no-progress"])
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note == (f"note: {tmp_path / '.run.replaced'} holds the run an earlier --overwrite was replacing; it is "
+                    "kept until this run's first checkpoint") and "a chunk is corrupt or missing" in error
+    assert _tree(run) == before and not (tmp_path / ".run.replaced").exists()
+    fit(cfg(store_path, run, layers="1", max_tokens=64, overwrite=True))  # a checkpoint: the old run is gone
+    assert not (tmp_path / ".run.replaced").exists() and _tree(run) != before
     monkeypatch.chdir(run)
     assert err(capsys, "--store", store_path, "--out", ".", "--overwrite", *base) == (
         "error: --out . holds the current folder, which --overwrite would replace under this process; run from "

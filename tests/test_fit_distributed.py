@@ -220,6 +220,21 @@ def test_a_refusal_under_torchrun_is_said_once(store, runs, ref12):
     errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "k differs" in errors[0], job.stderr
 
+@pytest.mark.slow
+def test_a_diverging_layer_stops_every_rank_under_distribute_layers(store, runs):
+    """Each rank trains its own layers; one whose loss stops being finite stops both ranks at that step (none
+    is left waiting in a collective), with one error and nothing of that step saved."""
+    out = runs[0] / "diverge"
+    job = _start(runs, "diverge", torchrun(2, "saetrain", fit_argv(
+        store, out, "--layers", "1,2", "--distribute-layers", "--lr", "1e30", "--grad-clip", "0",
+        "--lr-warmup-steps", "1", "--save-every", "1")))
+    assert job.wait(240) != 0, job.stderr
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and " diverged at step " in errors[0], job.stderr
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # valid JSON and finite, up to the step before
+        assert all(v == v and abs(v) != float("inf") for v in json.loads(line).values() if isinstance(v, float))
+
+
 # ------------------------------------------------------------------------ 2. torchrun --distribute-layers
 @pytest.mark.slow
 def test_distribute_layers_over_two_ranks_equals_single_process(store, runs, dist3, single3):

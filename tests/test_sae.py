@@ -433,6 +433,7 @@ def test_half_model_float32_input(dtype):
 
     out = sae(x, dead_mask=dead_mask_with(10))
     assert out.sae_out.dtype == dtype and out.sae_out.shape == x.shape
+    assert torch.equal(out.latent_indices.sort(-1).values, ref_idx.sort(-1).values)  # the latents encode picks
     assert torch.isfinite(out.fvu) and torch.isfinite(out.auxk_loss)
     (out.fvu + out.auxk_loss).backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in sae.parameters())

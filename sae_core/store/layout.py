@@ -80,14 +80,15 @@ class StoreLayout:
             raise IndexError(f"{what} {i} out of range (0..{n - 1})")
 
 
-def largest_divisor_at_most(n: int, bound: int) -> int:
-    best = 1
-    for d in range(1, math.isqrt(n) + 1):
-        if n % d == 0:
-            for c in (d, n // d):
-                if best < c <= bound:
-                    best = c
-    return best
+def chunk_divisor(n: int, target: int, most: int) -> int:
+    """The chunk for a shard of `n` tokens: its largest divisor up to `target`; where that is under a quarter
+    of it (6 tokens for 2 sequences of 2049 = 3 x 683, 2 for a prime length), the divisor nearest `target` by
+    ratio, above or below, up to `most`."""
+    divisors = {c for d in range(1, math.isqrt(n) + 1) if n % d == 0 for c in (d, n // d)}
+    below = max(c for c in divisors if c <= max(target, 1))
+    if 4 * below >= target:
+        return below
+    return min((c for c in divisors if c <= most), key=lambda c: abs(math.log(c / target)))
 
 
 def check_layout_options(
@@ -146,5 +147,5 @@ def plan_layout(
     seqs_per_shard = min(seqs_per_shard, -(-num_sequences // unit) * unit)
     if chunk_tokens is None:
         target = max(1, int(chunk_mb * MiB / bytes_per_token))
-        chunk_tokens = largest_divisor_at_most(seqs_per_shard * ctx_len, target)
+        chunk_tokens = chunk_divisor(seqs_per_shard * ctx_len, target, max(1, MAX_CHUNK_BYTES // bytes_per_token))
     return StoreLayout(num_sequences, ctx_len, seqs_per_shard, chunk_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from .format import (
 from .layout import StoreLayout
 from .manifest import MANIFEST, Manifest, damaged_shards, manifest_files, read_manifests
 from .stats import RunningStats
+
+# Chunks a read of several reads at once.
+READ_THREADS = 8
 
 # What to do about a damaged committed shard: verify sets it aside, --resume re-collects it.
 REPAIR_HINT = ("run `actcache verify --repair` on the store (it sets damaged shards aside), then the same "
@@ -232,8 +236,22 @@ class ActivationStore:
         self._check_committed(start, stop)
         self._check_files(name, start, stop)
         array = self._arrays[name]
+        step = self.layout.chunk_tokens
+        pieces = [(a, min(a - a % step + step, stop)) for a in [start, *range(start - start % step + step, stop, step)]]
         try:
-            return array[start:stop]
+            if len(pieces) == 1:
+                return array[start:stop]
+            # Chunk by chunk, several at a time: where one fails, the reads of the others end on their own
+            # (one read of many chunks leaves zarr's tasks for the rest pending, reported at exit).
+            out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+
+            def piece(a: int, b: int) -> None:
+                out[a - start : b - start] = array[a:b]
+
+            with ThreadPoolExecutor(min(READ_THREADS, len(pieces)), thread_name_prefix="store-read") as pool:
+                for f in [pool.submit(piece, a, b) for a, b in pieces]:
+                    f.result()
+            return out
         except Exception as e:
             raise StoreCorruptError(
                 f"store {self.path}: reading {name} tokens [{start}, {stop}) failed ({type(e).__name__}: {e}); "

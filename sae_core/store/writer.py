@@ -117,6 +117,17 @@ def clear_folder(path: Path) -> None:
             p.unlink()
 
 
+def stored_layout(path: Path) -> StoreLayout | None:
+    """The layout the store at `path` was made with (None where there is no readable store)."""
+    import zarr
+
+    try:
+        old = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get(ATTRS_KEY)
+        return StoreLayout(**old["layout"])
+    except Exception:  # noqa: BLE001 - no store, or not one of ours: the caller plans afresh
+        return None
+
+
 def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
     """Refuse to resume a store written with different settings, naming what differs."""
     import zarr
@@ -135,9 +146,10 @@ def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
             a, b = ({k: v for k, v in d.items() if k != "packing"} for d in (a, b))  # same data: only the words differ
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):  # name the entry that differs, not the whole dict
-                # the setting that differs before the description and fingerprint that follow from it;
-                # an entry missing from an older store equals None (a setting added since, left unset)
-                order = sorted(a.keys() | b.keys(), key=lambda k: (k == "fingerprint", k == "packing", str(k)))
+                # the setting that differs (a model's id first) before what follows from it (its width, the
+                # data's description and fingerprint); an entry missing from an older store equals None (a
+                # setting added since, left unset)
+                order = sorted(a.keys() | b.keys(), key=lambda k: (k != "id", k == "fingerprint", k == "packing", str(k)))
                 sub = next((k for k in order if a.get(k) != b.get(k)), None)
                 if sub is None:
                     continue
