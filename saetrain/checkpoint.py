@@ -7,7 +7,10 @@ is safetensors or JSON: nothing is unpickled on resume.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -91,3 +94,66 @@ def latest(out: Path) -> tuple[Path, dict] | None:
         if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in STATE_KEYS):
             raise Unreadable(f"it lacks one of {', '.join(STATE_KEYS)}")
     return folder, state
+
+
+def replaced_path(out: Path) -> Path:
+    """Where `--overwrite` keeps the run it replaces until the new one has a checkpoint of its own."""
+    out = out.absolute()
+    return out.with_name(f".{out.name}.replaced")
+
+
+def latest_or_none(out: Path):
+    try:
+        return latest(out)
+    except (OSError, ValueError):  # a report or a clean-up must not hide the error that led to it
+        return None
+
+
+def restore_replaced(out: Path) -> bool:
+    """A run that `--overwrite` was replacing goes back in place if the new one stopped before its first
+    checkpoint (a corrupt chunk, Ctrl-C, running out of memory): nothing is lost for nothing."""
+    try:
+        old = replaced_path(out)
+        if not old.is_dir() or latest_or_none(out) is not None:
+            return False
+        failed = old.with_name(old.name.removesuffix(".replaced") + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        if out.exists():  # renamed whole (another rank may still be writing into it), then deleted
+            os.replace(out, failed)
+        os.replace(old, out)
+        shutil.rmtree(failed, ignore_errors=True)
+        return True
+    except (OSError, ValueError):  # (it must not hide the error that stopped the run)
+        return False
+
+
+def publish_sae(folder: Path, sae: Sae) -> None:
+    """Write layer_L/ through a temporary folder so a reader never sees half an SAE; where the file
+    system can swap two folders in one step, never a missing one either."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_to_disk(tmp)
+    if folder.exists() and exchange(tmp, folder):
+        shutil.rmtree(tmp)  # the previous SAE
+        return
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where that is not
+    available (another OS, an old kernel or C library, a file system without it)."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

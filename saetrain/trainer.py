@@ -7,8 +7,6 @@ see the same batches. Under torchrun, `--distribute-layers` splits the layers be
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import math
 import os
@@ -164,48 +162,17 @@ def fit(cfg: TrainConfig) -> FitResult:
         return _fit(cfg)
     except BaseException as e:
         first = os.environ.get("RANK", "0") == "0"
-        restored = first and cfg.overwrite and _restore_replaced(Path(cfg.out))
+        restored = first and cfg.overwrite and ckpt.restore_replaced(Path(cfg.out))
         if isinstance(e, KeyboardInterrupt) and first and restored:
             print(f"interrupted before the first checkpoint: {cfg.out} holds the run it was replacing again; run the "
                   "same `saetrain fit` command to start over", file=sys.stderr, flush=True)
         elif isinstance(e, KeyboardInterrupt) and first and is_run(Path(cfg.out)):
             # Ctrl-C: say what survives (the last checkpoint) and how to go on
-            last = _latest(Path(cfg.out))
+            last = ckpt.latest_or_none(Path(cfg.out))
             where = f"the last checkpoint is step {last[1]['step']:,}" if last else "no checkpoint was written yet"
             print(f"interrupted: {where} in {cfg.out}; run the same `saetrain fit` command with --resume"
                   f"{' instead of --overwrite' if cfg.overwrite else ''} to continue from it", file=sys.stderr, flush=True)
         raise
-
-
-def _replaced(out: Path) -> Path:
-    """Where `--overwrite` keeps the run it replaces until the new one has a checkpoint of its own."""
-    out = out.absolute()
-    return out.with_name(f".{out.name}.replaced")
-
-
-def _latest(out: Path):
-    try:
-        return ckpt.latest(out)
-    except (OSError, ValueError):  # a report or a clean-up must not hide the error that led to it
-        return None
-
-
-def _restore_replaced(out: Path) -> bool:
-    """A run that `--overwrite` was replacing goes back in place if the new one stopped before its first
-    checkpoint (a corrupt chunk, Ctrl-C, running out of memory): nothing is lost for nothing."""
-    try:
-        old = _replaced(out)
-        if not old.is_dir() or _latest(out) is not None:
-            return False
-        failed = old.with_name(old.name.removesuffix(".replaced") + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        if out.exists():  # renamed whole (another rank may still be writing into it), then deleted
-            os.replace(out, failed)
-        os.replace(old, out)
-        shutil.rmtree(failed, ignore_errors=True)
-        return True
-    except (OSError, ValueError):  # (it must not hide the error that stopped the run)
-        return False
 
 
 def _fit(cfg: TrainConfig) -> FitResult:
@@ -419,8 +386,8 @@ def _prepare_out(cfg: TrainConfig, out: Path, resolved: dict, rank: int, state: 
     barrier()
     if rank == 0:
         if cfg.overwrite and out.is_dir() and any(out.iterdir()):  # set aside until the new run's first checkpoint
-            kept = _replaced(out)
-            if kept.is_dir() and _latest(out) is None:
+            kept = ckpt.replaced_path(out)
+            if kept.is_dir() and ckpt.latest_or_none(out) is None:
                 # An earlier --overwrite stopped before its first checkpoint (killed): the run kept is still
                 # the one being replaced, and what is in `out` is that attempt's beginning.
                 print(f"note: {kept} holds the run an earlier --overwrite was replacing; it is kept until this "
@@ -567,45 +534,13 @@ def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, wor
     if not dp or rank == 0:
         for name, t in trainers.items():
             ckpt.save_layer(root / f"step_{step}" / name, t.sae, t.opt, t.since_fired)
-            _publish_sae(out / name, t.sae)
+            ckpt.publish_sae(out / name, t.sae)
     barrier()
     if rank == 0:
         ckpt.write_state(root, step, {"step": step, "epoch": epoch, "epoch_tokens": offset, "tokens_seen": tokens_seen})
         ckpt.publish(root, step)
-        shutil.rmtree(_replaced(out), ignore_errors=True)  # the run --overwrite replaced, if any
+        shutil.rmtree(ckpt.replaced_path(out), ignore_errors=True)  # the run --overwrite replaced, if any
     barrier()
-
-
-def _publish_sae(folder: Path, sae: Sae) -> None:
-    """Write layer_L/ through a temporary folder so a reader never sees half an SAE; where the file
-    system can swap two folders in one step, never a missing one either."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_to_disk(tmp)
-    if folder.exists() and _exchange(tmp, folder):
-        shutil.rmtree(tmp)  # the previous SAE
-        return
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where that is not
-    available (another OS, an old kernel or C library, a file system without it)."""
-    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if rename is None:
-        return False
-    at_cwd, exchange = -100, 2
-    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 def _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device) -> dict[str, float]:

@@ -74,6 +74,15 @@ def tiny_text_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def base(tiny_model_dir, tiny_text_dir, tmp_path):
+    """`actcache collect` arguments for the tiny model and text into tmp_path/s.zarr (actcache's CLI tests)."""
+    return [
+        "collect", "--model", tiny_model_dir, "--dataset", tiny_text_dir, "--ctx-len", 32, "--batch-size", 2,
+        "--seqs-per-shard", 4, "--device", "cpu", "--no-progress", "--out", tmp_path / "s.zarr",
+    ]
+
+
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory, tiny_model_dir):
     """A float32 store of layers 0-3 of the tiny model (chunks of 32 tokens), one per test module (saetrain's tests)."""

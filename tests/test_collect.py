@@ -544,7 +544,6 @@ def test_an_unmatched_hookpoint_is_shown_a_path_of_the_language_model():
                             "like 'model.language_model.layers.1.self_attn'")
 
 
-
 def test_float16_overflow_is_stored_and_warned_about(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
     """Activations beyond float16's range are stored as inf (the store is sound), and the run says so."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -558,36 +557,6 @@ def test_float16_overflow_is_stored_and_warned_about(tmp_path, tiny_model_dir, t
     assert store.stats(0).nonfinite == n and (~torch.isfinite(store.read(0, 0, n))).any(dim=1).all()
     assert (f"warning: layer_0 has {n:,}, layer_1 has {n:,} token(s) with NaN or inf activations; store in bfloat16 "
             "(float16 overflows above 65504) or exclude them when training") in capsys.readouterr().err
-
-
-def test_a_tokenizer_without_eos_joins_documents_with_nothing_and_says_so(tmp_path, tiny_model_dir, tiny_text_dir,
-                                                                           capsys):
-    import shutil
-
-    shutil.copytree(tiny_model_dir, tmp_path / "noeos")
-    tok = byte_tokenizer()
-    tok.eos_token = None
-    tok.save_pretrained(tmp_path / "noeos")
-    capsys.readouterr()
-    store = run(tmp_path, tmp_path / "noeos", tiny_text_dir, layers="0", seed=None)
-    assert "joined with nothing between them (the tokenizer has no EOS token)" in store.meta["data"]["packing"]
-    assert "note: the tokenizer has no EOS token" in capsys.readouterr().err
-    eos = byte_tokenizer().eos_token_id
-    assert eos not in store.tokens(0, store.num_tokens).tolist()
-
-
-def test_text_files_are_utf8_whatever_the_locale(tmp_path):
-    """A small text file is read as UTF-8 (invalid bytes replaced), as the pieces of a large one, not in
-    the locale's encoding."""
-    import subprocess
-    import sys
-
-    (tmp_path / "a.txt").write_bytes("Café, naïve — ok\r\n".encode() + b"caf\xe9\n")
-    code = ("import sys; from pathlib import Path; from actcache.data import _read_text; "
-            "sys.stdout.buffer.write(_read_text(Path(sys.argv[1])).encode())")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.txt")], env=env, capture_output=True, check=True)
-    assert out.stdout.decode() == "Café, naïve — ok\ncaf\ufffd\n"
 
 
 def test_a_corrupt_chunk_in_a_long_read_leaves_no_pending_reads(tmp_path, tiny_model_dir, tiny_text_dir):

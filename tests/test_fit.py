@@ -164,40 +164,6 @@ def test_bad_inputs(capsys, store_path, tmp_path):
     assert f"{out} already exists; pass --resume" in err(capsys, "--store", store_path, "--out", out)
 
 
-def test_out_of_memory_is_one_line_with_the_fix(capsys, store_path, tmp_path, monkeypatch):
-    import saetrain.trainer as trainer
-
-    def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB\nmore details")
-
-    monkeypatch.setattr(trainer, "Sae", oom)
-    assert err(capsys, "--store", store_path, "--out", tmp_path / "run") == (
-        "error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB); raise "
-        "--micro-acc-steps (it splits each batch; --resume continues a run with it), or start again with a smaller "
-        "--batch-size or fewer or smaller SAEs per process (--layers, --expansion-factor, --distribute-layers)")
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_diverging_run_stops_before_saving_it(store_path, tmp_path):
-    run = tmp_path / "run"
-    with pytest.raises(UserError, match=r"^layer_1 diverged at step \d+ \(fvu (nan|inf)"):
-        fit(cfg(store_path, run, layers="1", lr=1e30, grad_clip=0.0, lr_warmup_steps=1, save_every=1))
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert all(np.isfinite(json.loads(ln)["fvu"]) for ln in lines)  # valid JSON, finite, up to the step before
-    assert all(torch.isfinite(p).all() for p in Sae.load_from_disk(run / "layer_1").parameters()) if lines else True
-
-
-def test_a_run_with_a_damaged_config_can_be_overwritten(capsys, store_path, tmp_path):
-    run = tmp_path / "run"
-    fit(cfg(store_path, run, layers="1", max_tokens=64))
-    (run / "config.json").write_text("{")
-    assert "config.json cannot be read (JSONDecodeError" in err(capsys, "--store", store_path, "--out", run, "--resume")
-    assert fit(cfg(store_path, run, layers="1", max_tokens=64, overwrite=True)).steps == 1
-    (run / "config.json").write_text("{")
-    (run / "notes.txt").write_text("mine")  # not only what a run holds: not taken for one
-    assert f"--out {run} is not a saetrain run" in err(capsys, "--store", store_path, "--out", run, "--overwrite")
-
-
 def test_data_parallel_with_fewer_chunks_than_ranks_is_refused(store_path, tmp_path, monkeypatch):
     """A rank without a chunk would make every rank train 0 tokens (the epoch is the ranks' minimum):
     refused on every rank alike, before anything is written."""
@@ -224,26 +190,6 @@ def test_grad_acc_steps_make_whole_optimizer_steps(store_path, tmp_path):
         res = fit(cfg(store_path, tmp_path / f"acc{acc}", layers="1", max_tokens=80, grad_acc_steps=acc))
         assert (res.steps, res.tokens) == (2, 128), acc
         assert [ln["tokens"] for ln in _metrics(res.out)] == [64, 128]
-
-
-def test_publishing_an_sae_swaps_the_folder_whole(tmp_path, monkeypatch):
-    from sae_core import SaeConfig
-    from saetrain import trainer
-    from saetrain.trainer import _publish_sae
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "x").write_text("a")
-    assert trainer._exchange(tmp_path / "a", tmp_path / "b")  # this file system swaps folders in one step
-    assert (tmp_path / "b" / "x").read_text() == "a" and not any((tmp_path / "a").iterdir())
-    for exchange in (trainer._exchange, lambda a, b: False):  # and where it cannot: two renames
-        monkeypatch.setattr(trainer, "_exchange", exchange)
-        folder = tmp_path / exchange.__name__
-        folder.mkdir()
-        for sae in [Sae(8, SaeConfig(expansion_factor=2, k=2)) for _ in range(2)]:
-            _publish_sae(folder / "layer_0", sae)
-            assert torch.equal(Sae.load_from_disk(folder / "layer_0").W_dec, sae.W_dec)
-            assert [p.name for p in folder.iterdir()] == ["layer_0"]  # no temporaries left
 
 
 def test_init_from_continues_a_run_on_the_next_store(store_path, tmp_path):
@@ -337,34 +283,6 @@ def test_a_stopped_consumer_leaves_no_reader_running(store_path):
     next(batches)
     batches.close()
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("saetrain-loader", "saetrain-read"))]
-
-
-def test_resume_refuses_a_store_that_grew(store_path, tmp_path):
-    partial = tmp_path / "partial.zarr"
-    shutil.copytree(store_path, partial)
-    manifest = json.loads((partial / "manifest.json").read_text())
-    full_text = (partial / "manifest.json").read_text()
-    manifest["shards"].pop(max(manifest["shards"], key=int))
-    (partial / "manifest.json").write_text(json.dumps(manifest))
-    out = tmp_path / "run"
-    fit(cfg(partial, out, max_tokens=64, holdout=0.2))
-    (partial / "manifest.json").write_text(full_text)
-    with pytest.raises(UserError, match=r"cannot resume .*: the store had [\d,]+ committed tokens when the run "
-                                        r"started and has [\d,]+ now, which changes the data order"):
-        fit(cfg(partial, out, resume=True, holdout=0.2))
-
-
-def test_resume_refuses_the_same_data_chunked_otherwise(store_path, tmp_path, tiny_model_dir):
-    """Same tokens, same order, other chunks: the chunk numbers held out would be other tokens."""
-    store = ActivationStore(store_path)
-    rechunked = tmp_path / "rechunked.zarr"
-    collect(CollectConfig(out=rechunked, model=str(tiny_model_dir), dataset=store.meta["data"]["dataset"], ctx_len=32,
-                          batch_size=4, seqs_per_shard=4, chunk_tokens=64, dtype="float32", device="cpu", progress=False))
-    assert ActivationStore(rechunked).meta["data"]["fingerprint"] == store.meta["data"]["fingerprint"]
-    out = tmp_path / "run"
-    fit(cfg(store_path, out, layers="1", max_tokens=64, holdout=0.1))
-    with pytest.raises(UserError, match=r"cannot resume .*: its store had chunks of 32 tokens and this one has 64"):
-        fit(cfg(rechunked, out, layers="1", resume=True, holdout=0.1))
 
 
 @pytest.mark.parametrize(
