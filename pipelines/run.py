@@ -112,10 +112,19 @@ def run_rounds(recipe: Recipe) -> int:
     rank, _ = init_distributed()
     runs = Path(recipe.train.out)
     progress = runs / "rounds.json"
-    done = json.loads(progress.read_text())["done"] if progress.is_file() else -1
-    window = recipe.collect.max_tokens
+    state = json.loads(progress.read_text()) if progress.is_file() else {"done": -1}
+    done = state["done"]
+    window, ctx_len = recipe.collect.max_tokens, recipe.collect.ctx_len
     if not window:
         raise UserError(f"recipe {recipe.name} runs in rounds but sets no collect.max_tokens (the window per round)")
+    if window % ctx_len:  # collection rounds a window up to whole sequences: the next round's would overlap it
+        raise UserError(f"recipe {recipe.name}: its window of {window:,} tokens per round is not a whole number of "
+                        f"{ctx_len}-token sequences, so rounds would overlap; make collect.max_tokens a multiple of "
+                        f"collect.ctx_len")
+    if state.get("window", window) != window:
+        raise UserError(f"{progress}: its {done + 1} finished round(s) trained on windows of {state['window']:,} "
+                        f"tokens, and recipe {recipe.name} has windows of {window:,}, which would train some tokens "
+                        f"again or skip some; keep the window, or start afresh in another train.out")
     fit_res = None
     for r in range(done + 1, recipe.rounds):
         c = dataclasses.replace(recipe.collect, skip_tokens=r * window)
@@ -136,7 +145,7 @@ def run_rounds(recipe: Recipe) -> int:
             for name, keep in (("metrics.jsonl", f"round_{r:04d}.jsonl"), ("eval.json", f"round_{r:04d}.eval.json")):
                 if (out / name).is_file():
                     atomic_write(runs / "metrics" / keep, (out / name).read_text())
-            atomic_write(progress, json.dumps({"done": r, "latest": str(out)}) + "\n")
+            atomic_write(progress, json.dumps({"done": r, "latest": str(out), "window": window}) + "\n")
             for old in runs.glob("round_*"):  # round r's checkpoint holds everything round r+1 needs
                 if old != out:
                     shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ from tests.fit_fixtures import Job, torchrun
 
 # A recipe file as a user writes one: 4 rounds of 12-sequence windows over ~33 sequences.
 RECIPE = """
+import dataclasses
 from pathlib import Path
 
 from actcache import CollectConfig
@@ -41,6 +42,20 @@ def once(root=Path({root!r})):
 
 def once_other_layers(root=Path({root!r})):
     return tiny(root, rounds=1, layers="0,1")
+
+
+def ragged(root=Path({root!r})):  # windows of 12.5 sequences
+    r = tiny(root)
+    return dataclasses.replace(r, collect=dataclasses.replace(r.collect, max_tokens=12 * 32 + 16))
+
+
+def twice(root=Path({root!r})):
+    return tiny(root, rounds=2)
+
+
+def wider(root=Path({root!r})):  # another window after some rounds
+    r = tiny(root, rounds=5)
+    return dataclasses.replace(r, collect=dataclasses.replace(r.collect, max_tokens=8 * 32))
 """
 
 
@@ -68,7 +83,8 @@ def test_rounds_train_on_consecutive_windows(single, tiny_model_dir, tiny_text_d
     runs = root / "saes"
     # The data (33 sequences) holds three windows: the fourth round finds it exhausted.
     assert "round 3/4: tokens 768 to 1,152" in text and "the data ends before token 1,152: stopping after 3 round(s)" in text
-    assert json.loads((runs / "rounds.json").read_text()) == {"done": 2, "latest": str(runs / "round_0002")}
+    assert json.loads((runs / "rounds.json").read_text()) == {"done": 2, "latest": str(runs / "round_0002"),
+                                                              "window": 12 * 32}
     assert sorted(p.name for p in runs.glob("round_*")) == ["round_0002"]  # earlier rounds are folded in
     assert ActivationStore(root / "acts.zarr").meta["data"]["skip_tokens"] == 768
     config = json.loads((runs / "round_0002" / "config.json").read_text())
@@ -115,6 +131,22 @@ def test_a_rerun_checks_the_store_against_the_recipe(tmp_path, tiny_model_dir, t
     assert err.startswith("error: cannot resume") and "arrays.layer_0 differs" in err, err
     assert err.rstrip().endswith(f"(for this recipe: delete {tmp_path / 'acts.zarr'} to collect it afresh)")
     assert (tmp_path / "acts.zarr" / "manifest.json").read_bytes() == before
+
+
+def test_rounds_refuse_windows_that_would_overlap_or_change(tmp_path, tiny_model_dir, tiny_text_dir, capsys):
+    recipes = recipe_file(tmp_path, tiny_model_dir, tiny_text_dir).rpartition(":")[0]
+    assert run.main([f"{recipes}:ragged"]) == 2
+    assert capsys.readouterr().err == (
+        "error: recipe tiny-rounds: its window of 400 tokens per round is not a whole number of 32-token sequences, "
+        "so rounds would overlap; make collect.max_tokens a multiple of collect.ctx_len\n")
+    assert not (tmp_path / "acts.zarr").exists()
+    assert run.main([f"{recipes}:twice"]) == 0
+    capsys.readouterr()
+    assert run.main([f"{recipes}:wider"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'saes' / 'rounds.json'}: its 2 finished round(s) trained on windows of 384 tokens, and "
+        "recipe tiny-rounds has windows of 256, which would train some tokens again or skip some; keep the window, "
+        "or start afresh in another train.out\n")
 
 
 def test_a_recipe_file_like_presets(tmp_path):
