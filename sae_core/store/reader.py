@@ -27,7 +27,7 @@ from .layout import StoreLayout
 from .manifest import MANIFEST, Manifest, damaged_shards, manifest_files, read_manifests
 from .stats import RunningStats
 
-# Chunks a read of several reads at once.
+# How many chunks a read spanning several fetches at once.
 READ_THREADS = 8
 
 # What to do about a damaged committed shard: verify sets it aside, --resume re-collects it.
