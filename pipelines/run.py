@@ -169,9 +169,9 @@ def _store_window(path: Path) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help=f"one of {', '.join(sorted(PRESETS))}, or FILE.py:FUNCTION returning a Recipe")
-    p.add_argument("--resume-training", action="store_true", help="continue the last training checkpoint")
+    p.add_argument("--resume-training", action="store_true", help="continue the last training checkpoint (a recipe in rounds always continues where it stopped)")
 
     def one_line(message: str):  # as the other CLIs: one line, exit code 2
         print(f"error: {message}; see `python -m pipelines.run --help`", file=sys.stderr)
