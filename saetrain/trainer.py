@@ -468,7 +468,7 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
                 if world > 1 and not dp and over_ranks(int(diverged is not None), "max"):
                     diverged = any_error(diverged, world)
                 if diverged:
-                    raise collective(UserError(diverged)) if world > 1 else UserError(diverged)
+                    _stop(diverged, world)
                 tokens_seen += step_tokens
                 bar.update(step_tokens)
                 if lines:  # an idle rank (more ranks than layers) has none
@@ -511,13 +511,20 @@ def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:
     return over_ranks(n, "min") if dp else n
 
 
+_DIVERGED_FIX = "nothing of this step was saved: lower --lr (or keep --grad-clip on) and train again with --overwrite"
+
+
+def _stop(error: str, world: int) -> None:
+    """Raise a refusal that every rank meets together (said once under torchrun)."""
+    raise collective(UserError(error)) if world > 1 else UserError(error)
+
+
 def _diverged(lines: list[dict], step: int) -> str | None:
     bad = next((ln for ln in lines if not all(math.isfinite(ln[k]) for k in _LOSSES)), None)
     if bad is None:
         return None
     losses = ", ".join(f"{k} {bad[k]}" for k in _LOSSES)
-    return (f"{bad['layer']} diverged at step {step:,} ({losses}); nothing of this step was saved: lower --lr "
-            "(or keep --grad-clip on) and train again with --overwrite")
+    return f"{bad['layer']} diverged at step {step:,} ({losses}); {_DIVERGED_FIX}"
 
 
 def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, world, dp) -> None:
@@ -525,11 +532,9 @@ def _checkpoint(out: Path, trainers, step, epoch, offset, tokens_seen, rank, wor
     blew up after a finite loss) are saved nowhere: every rank stops first."""
     broken = next((n for n, t in trainers.items() if not all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())),
                   None)
-    error = None if broken is None else (f"{broken} diverged at step {step:,} (its weights are no longer finite); "
-                                         "nothing of this step was saved: lower --lr (or keep --grad-clip on) and "
-                                         "train again with --overwrite")
+    error = None if broken is None else f"{broken} diverged at step {step:,} (its weights are no longer finite); {_DIVERGED_FIX}"
     if error := any_error(error, world if not dp else 1):
-        raise collective(UserError(error)) if world > 1 else UserError(error)
+        _stop(error, world)
     root = ckpt.ckpt_root(out)
     if not dp or rank == 0:
         for name, t in trainers.items():

@@ -117,26 +117,29 @@ def clear_folder(path: Path) -> None:
             p.unlink()
 
 
-def stored_layout(path: Path) -> StoreLayout | None:
-    """The layout the store at `path` was made with (None where there is no readable store)."""
+def _stored_meta(path: Path) -> dict | None:
+    """The metadata the store at `path` was created with (None where there is no readable store of ours)."""
     import zarr
 
     try:
         old = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get(ATTRS_KEY)
-        return StoreLayout(**old["layout"])
-    except Exception:  # noqa: BLE001 - no store, or not one of ours: the caller plans afresh
+    except Exception:  # noqa: BLE001 - no store, or not a readable one
+        return None
+    return old if isinstance(old, dict) and old.get("format") == FORMAT_NAME else None
+
+
+def stored_layout(path: Path) -> StoreLayout | None:
+    """The layout the store at `path` was made with (None where there is no readable store)."""
+    try:
+        return StoreLayout(**_stored_meta(path)["layout"])
+    except (TypeError, KeyError, ValueError):  # no store, or its layout unreadable: the caller plans afresh
         return None
 
 
 def check_resumable(path: Path, meta: dict, layout: StoreLayout) -> None:
     """Refuse to resume a store written with different settings, naming what differs."""
-    import zarr
-
-    try:
-        old = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get(ATTRS_KEY)
-    except Exception:
-        old = None
-    if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
+    old = _stored_meta(path)
+    if old is None:
         hint = "pass --overwrite to start again" if is_store(path) else "choose another --out"
         raise UserError(f"{path} is not a resumable actcache store; {hint}")
     new = {**meta, "layout": layout.to_dict()}
