@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import warnings
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -88,6 +90,34 @@ def layer_folder_names(layer: int) -> list[str]:
     return [f"layer_{layer}", f"layers.{layer}"]
 
 
+def _outside_package() -> int:
+    """The `stacklevel` of the first caller outside sae_core, so that a warning names the user's line."""
+    package, frame, level = os.path.dirname(__file__), sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def layer_folder(layer: int, present: list[str] | set[str]) -> str | None:
+    """The folder `layer=N` loads among the `present` names: `layer_N` (hidden_states[N], as saetrain
+    writes), else `layers.N`. Repos named by module path (sparsify's hookpoints, EleutherAI's repos since
+    July 2024) hold there the *output* of block N, hidden_states[N + 1]; loading it says so and names the
+    folder of hidden_states[N]."""
+    for name in layer_folder_names(layer):
+        if name in present:
+            if name.startswith("layers."):
+                before = f"layers.{layer - 1}" if layer > 0 else "embed_tokens"
+                warnings.warn(
+                    f"layer={layer} loads folder {name!r}, which in a repo named by module path holds the "
+                    f"output of block {layer}, hidden_states[{layer + 1}]; for hidden_states[{layer}] "
+                    f"(layer {layer} here) name the folder instead: {before!r}",
+                    UserWarning,
+                    stacklevel=_outside_package(),
+                )
+            return name
+    return None
+
+
 def as_layer(layer: int | str) -> int | str:
     """A layer given as a number (10 or "10") as an int; any other name (a hookpoint folder) unchanged."""
     return int(layer) if isinstance(layer, str) and layer.strip().isdigit() else layer
@@ -109,13 +139,13 @@ def select_folders(
         for want in layers:
             want = as_layer(want)
             if isinstance(want, int):
-                names = [n for n in layer_folder_names(want) if n in available]
+                name = layer_folder(want, available)
             else:
-                names = [want] if want in available else []
-            if not names:
+                name = want if want in available else None
+            if name is None:
                 what = f"layer {want}" if isinstance(want, int) else f"folder {want!r}"
                 raise UserError(f"{where} has no SAE for {what}; it has: {', '.join(available) or 'none'}")
-            chosen.append(names[0])
+            chosen.append(name)
     if pattern is not None:
         chosen = [n for n in chosen if fnmatch(n, pattern)]
         if not chosen:

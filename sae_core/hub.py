@@ -21,6 +21,7 @@ from .checkpoint import (
     CFG_NAME,
     WEIGHTS_NAME,
     as_layer,
+    layer_folder,
     layer_folder_names,
     layer_list,
     load_many_local,
@@ -163,9 +164,10 @@ def _load_one(repo_id, local, layer, hookpoint, revision, **load) -> Sae:
 
     candidates = layer_folder_names(layer) if layer is not None else [hookpoint]
     root = local if local is not None else _download(repo_id, revision, _folder_patterns(candidates))
-    for name in candidates:
-        if (root / name / CFG_NAME).is_file():
-            return load_sae(root / name, **load)
+    present = [name for name in candidates if (root / name / CFG_NAME).is_file()]
+    name = layer_folder(layer, present) if layer is not None else next(iter(present), None)
+    if name is not None:
+        return load_sae(root / name, **load)
     what = f"layer {layer}" if layer is not None else f"hookpoint {hookpoint!r}"
     raise UserError(f"{where} has no SAE for {what}; it has: {', '.join(listing(root)) or 'none found'}")
 

@@ -313,7 +313,9 @@ class Sae(nn.Module):
     ) -> Sae:
         """Download (only) the folder of one layer or hookpoint of a Hub repo and load it.
 
-        `layer=10` finds `layer_10` or `layers.10`; a name (`"layers.10.mlp"`) is a folder, as `hookpoint=`.
+        `layer=10` finds `layer_10` (hidden_states[10]) or else `layers.10`, warning that a folder named by
+        module path holds that module's output, hidden_states[11] (docs/layers.md); a name
+        (`"layers.10.mlp"`) is a folder, as `hookpoint=`.
         The first three arguments are positional as in EleutherAI's sparsify (repo, hookpoint, device).
         """
         from .hub import load_from_hub

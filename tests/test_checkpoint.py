@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,21 @@ def test_load_many_natural_order(tmp_path):
     saes = Sae.load_many(tmp_path, local=True)
     assert list(saes) == ["layer_0", "layer_2", "layer_10", "layers.11"]
     assert all(isinstance(s, Sae) and s.num_latents == NUM_LATENTS for s in saes.values())
-    assert list(Sae.load_many(tmp_path, local=True, layers=[11, 2])) == ["layer_2", "layers.11"]
+    with pytest.warns(UserWarning, match="'layers.11', .* hidden_states\\[12\\]; .* instead: 'layers.10'"):
+        assert list(Sae.load_many(tmp_path, local=True, layers=[11, 2])) == ["layer_2", "layers.11"]
     assert list(Sae.load_many(tmp_path, local=True, pattern="layer_1*")) == ["layer_10"]
+
+
+def test_layer_prefers_the_hidden_states_folder(tmp_path):
+    """`layer=N` means hidden_states[N]: `layer_N` before a module-path `layers.N`, with no warning;
+    `layers.0` alone points at `embed_tokens` for hidden_states[0]."""
+    for name in ["layer_3", "layers.3", "layers.0", "embed_tokens"]:
+        write_folder(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(Sae.load_many(tmp_path, local=True, layers=[3])) == ["layer_3"]
+    with pytest.warns(UserWarning, match="hidden_states\\[1\\]; for hidden_states\\[0\\] .* 'embed_tokens'"):
+        Sae.load_from_hub(str(tmp_path), layer=0)
 
 
 def test_unknown_cfg_keys_survive(tmp_path):

@@ -151,7 +151,11 @@ def test_load_layer_fp32_and_dtype_override(hub: FakeHub, old_repo):
 
 
 def test_new_layout_by_layer_and_hookpoint(hub: FakeHub, new_repo):
-    sae5 = Sae.load_from_hub(NEW_REPO, layer=5)
+    # Module-path names: `layers.5` is block 5's output, hidden_states[6]; layer 5 is `layers.4`'s.
+    warned = re.escape("'layers.5', which in a repo named by module path holds the output of block 5, "
+                       "hidden_states[6]; for hidden_states[5] (layer 5 here) name the folder instead: 'layers.4'")
+    with pytest.warns(UserWarning, match=warned):
+        sae5 = Sae.load_from_hub(NEW_REPO, layer=5)
     assert_weights(sae5, new_repo["layers.5"])
     assert hub.downloaded(NEW_REPO) == folder_files("layers.5")
 
@@ -171,13 +175,17 @@ def test_hookpoint_folder_beside_layer_folder(hub: FakeHub, tmp_path: Path):
 
     assert_weights(Sae.load_from_hub(NEW_REPO, hookpoint="layers.3.mlp"), saved["layers.3.mlp"])
     assert hub.fetched(NEW_REPO) == folder_files("layers.3.mlp")
-    assert_weights(Sae.load_from_hub(NEW_REPO, layer=3), saved["layers.3"])
+    with pytest.warns(UserWarning, match="hidden_states\\[4\\]"):
+        assert_weights(Sae.load_from_hub(NEW_REPO, layer=3), saved["layers.3"])
     # A name in place of the layer is a folder (sparsify's load_from_hub(repo, "layers.3.mlp")); digits a layer.
     assert_weights(Sae.load_from_hub(NEW_REPO, "layers.3.mlp"), saved["layers.3.mlp"])
-    assert_weights(Sae.load_from_hub(NEW_REPO, "3"), saved["layers.3"])
+    with pytest.warns(UserWarning, match="hidden_states\\[4\\]"):
+        assert_weights(Sae.load_from_hub(NEW_REPO, "3"), saved["layers.3"])
     assert_weights(Sae.load_from_hub(NEW_REPO, "layers.3", "cpu"), saved["layers.3"])  # sparsify's positional device
-    assert list(Sae.load_many_from_hub(NEW_REPO, layers=["3"])) == ["layers.3"]
-    assert list(Sae.load_many_from_hub(NEW_REPO, layers=[3])) == ["layers.3"]
+    with pytest.warns(UserWarning, match="hidden_states\\[4\\]"):
+        assert list(Sae.load_many_from_hub(NEW_REPO, layers=["3"])) == ["layers.3"]
+    with pytest.warns(UserWarning, match="hidden_states\\[4\\]"):
+        assert list(Sae.load_many_from_hub(NEW_REPO, layers=[3])) == ["layers.3"]
     assert list(Sae.load_many_from_hub(NEW_REPO)) == ["layers.3", "layers.3.mlp"]
 
 
@@ -270,7 +278,10 @@ def test_load_many_from_hub(hub: FakeHub, old_repo, kwargs, expected):
 
 
 def test_load_many_from_hub_new_layout_by_layer_number(hub: FakeHub, new_repo):
-    saes = Sae.load_many_from_hub(NEW_REPO, layers=[5, 3])
+    with pytest.warns(UserWarning) as warned:
+        saes = Sae.load_many_from_hub(NEW_REPO, layers=[5, 3])
+    assert sorted(str(w.message).split(",")[0] for w in warned) == [
+        "layer=3 loads folder 'layers.3'", "layer=5 loads folder 'layers.5'"]
     assert list(saes) == ["layers.3", "layers.5"]
     assert hub.fetched(NEW_REPO) == folder_files("layers.3", "layers.5")
 
@@ -333,7 +344,8 @@ def test_folder_names_are_taken_literally_and_only_top_level_folders_are_fetched
     assert hub.fetched(NEW_REPO) == folder_files("layers.2")
     # A nested folder loads when named, as sparsify's load_many takes it (and load_from_hub's hookpoint=).
     assert list(Sae.load_many_from_hub(NEW_REPO, layers="extra/layers.3")) == ["extra/layers.3"]
-    assert list(Sae.load_many(root, local=True, layers=["extra/layers.3", 2])) == ["extra/layers.3", "layers.2"]
+    both = Sae.load_many(root, local=True, layers=["extra/layers.3", "layers.2"])
+    assert list(both) == ["extra/layers.3", "layers.2"]
 
 
 # ---------------------------------------------------------------------------------- revision
@@ -472,7 +484,9 @@ def test_readme_example_on_a_tiny_llama(hub: FakeHub, tmp_path: Path):
     model = LlamaForCausalLM(config).eval()
     REPO = "EleutherAI/sae-tiny-llama"
     root = tmp_path / "repos" / "tiny"
-    saved = {f"layer_{i}": write_published(root / f"layer_{i}", random_weights(i)) for i in range(3)}
+    # Named by module path, as sae-llama-3-8b-32x is today: the output of each module.
+    names = ["embed_tokens", "layers.0", "layers.1"]
+    saved = {name: write_published(root / name, random_weights(i)) for i, name in enumerate(names)}
     hub.add_repo(REPO, root)
     batch, seq = 2, 5
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -480,21 +494,34 @@ def test_readme_example_on_a_tiny_llama(hub: FakeHub, tmp_path: Path):
     # --- as in the README
     from sae_core import Sae
 
-    sae = Sae.load_from_hub(REPO, layer=1)
+    sae = Sae.load_from_hub(REPO, hookpoint="layers.0")
     saes = Sae.load_many_from_hub(REPO)
     with torch.no_grad():
         outputs = model(input_ids, output_hidden_states=True)
         latents = sae.encode(outputs.hidden_states[1])
+        every = [s.encode(h) for s, h in zip(saes.values(), outputs.hidden_states, strict=False)]  # the last is normed
     # ---
 
-    assert list(saes) == ["layer_0", "layer_1", "layer_2"]
+    assert list(saes) == names
+    assert [e.top_indices.shape for e in every] == [(batch, seq, K)] * 3
+    assert torch.equal(every[1].top_indices, latents.top_indices)
+    # What the README says of the names: module `layers.0` outputs hidden_states[1], `embed_tokens` [0].
+    seen = {}
+    for name in ("embed_tokens", "layers.0"):
+        module = model.model.get_submodule(name)
+        module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids)
+    torch.testing.assert_close(seen["embed_tokens"], outputs.hidden_states[0])
+    torch.testing.assert_close(seen["layers.0"], outputs.hidden_states[1])
+
     assert latents.top_acts.shape == (batch, seq, K)
     assert latents.top_indices.shape == (batch, seq, K)
     assert latents.top_indices.dtype == torch.long
     assert int(latents.top_indices.min()) >= 0 and int(latents.top_indices.max()) < NUM_LATENTS
 
     # Independent dense computation from the saved tensors.
-    w = saved["layer_1"]
+    w = saved["layers.0"]
     h = outputs.hidden_states[1]
     dense = torch.relu((h - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
     expected = dense.topk(K, dim=-1).values
