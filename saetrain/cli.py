@@ -86,6 +86,11 @@ def fit(
     if res.heldout_fvu:
         typer.echo("held-out FVU: " + "  ".join(f"{n} {v:.4f}" for n, v in res.heldout_fvu.items()))
     typer.echo(f"trained {len(res.layers)} SAE(s), {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s -> {res.out}")
+    if res.steps < lr_warmup_steps:
+        typer.echo(f"note: the run ended at step {res.steps:,}, before its lr warmup did (--lr-warmup-steps "
+                   f"{lr_warmup_steps:,}): the lr reached {res.steps / lr_warmup_steps:.0%} of its target; lower "
+                   "--lr-warmup-steps for a run at the full rate (a run continuing this one with --init-from goes on "
+                   "warming up)")
 
 
 @app.command()

@@ -1,0 +1,95 @@
+"""The encoder's starting row norm: held-out FVU of the same training run at several norms.
+
+`saetrain` starts the encoder as the unit-norm decoder's transpose scaled to
+`saetrain.trainer.ENCODER_INIT_NORM` (1/sqrt(3), the row norm of the Kaiming-uniform encoder
+EleutherAI's sparsify starts from). This trains the layers of a store once per norm through
+`saetrain.fit`, everything else equal (data order, held-out chunks, lr), and prints the held-out
+FVU, the mean training FVU of the last 20 steps and the held-out latents that never fire.
+
+    python -m benchmarks.encoder_init --store acts.zarr [--norms 1,0.577,0.3] [--epochs 3 --lr-warmup-steps 50]
+
+(`actcache collect --layers 9,15 --max-tokens 300000 --ctx-len 256 --out acts.zarr` makes the
+store of docs/benchmarks.md.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.encoder_init", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--layers", default=None, help="as saetrain fit --layers (default: all)")
+    p.add_argument("--norms", default="1,0.57735,0.3", help="comma-separated encoder row norms to compare")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion-factor", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr-warmup-steps", type=int, default=50)
+    p.add_argument("--holdout", type=float, default=0.05)
+    p.add_argument("--exclude-first-tokens", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def never_fired(sae, x: torch.Tensor) -> float:
+    """The fraction of latents that no held-out token selects."""
+    fired = torch.zeros(sae.num_latents, dtype=torch.bool)
+    for part in x.split(4096):
+        fired[sae.encode(part).top_indices.flatten()] = True
+    return 1 - fired.float().mean().item()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import saetrain.trainer as trainer
+    from sae_core import Sae
+    from sae_core.store import ActivationStore
+    from saetrain import TrainConfig, fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    norms = [float(n) for n in args.norms.split(",")]
+    store = ActivationStore(args.store)
+    default, rows = trainer.ENCODER_INIT_NORM, []
+    with tempfile.TemporaryDirectory(prefix="encoder-init-") as tmp:
+        try:
+            for norm in norms:
+                trainer.ENCODER_INIT_NORM = norm
+                out = Path(tmp) / f"norm{norm}"
+                res = fit(TrainConfig(
+                    store=args.store, out=out, layers=args.layers, k=args.k, expansion_factor=args.expansion_factor,
+                    batch_size=args.batch_size, epochs=args.epochs, lr_warmup_steps=args.lr_warmup_steps,
+                    holdout=args.holdout, exclude_first_tokens=args.exclude_first_tokens, progress=False,
+                ))
+                config = json.loads((out / "config.json").read_text())
+                metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                saes = Sae.load_many(out, local=True)
+                ranges = [store.layout.chunk_tokens_range(c) for c in config["holdout_chunks"]]
+                kept = torch.cat([torch.arange(r.start, r.stop) for r in ranges]) % store.layout.ctx_len
+                kept = kept >= args.exclude_first_tokens
+                for layer, fvu in res.heldout_fvu.items():
+                    held = torch.cat([store.read(layer, r.start, r.stop).float() for r in ranges])[kept]
+                    last = [m["fvu"] for m in metrics if m["layer"] == layer][-20:]
+                    rows.append((layer, norm, fvu, sum(last) / len(last), never_fired(saes[layer], held)))
+        finally:
+            trainer.ENCODER_INIT_NORM = default
+    print(f"\n{'layer':>10} {'row norm':>9} {'held-out FVU':>13} {'train FVU (last 20)':>20} {'never fire':>11}")
+    for layer, norm, fvu, train, dead in sorted(rows, key=lambda r: (r[0], -r[1])):
+        print(f"{layer:>10} {norm:>9.3f} {fvu:>13.4f} {train:>20.4f} {dead:>10.1%}")
+    print(f"\nreproduce with:\n  python -m benchmarks.encoder_init {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
