@@ -59,12 +59,13 @@ def llama3_8b_32x(root: Path = Path("out/llama3-8b-32x")) -> Recipe:
     Needs GPUs, Hub access and ~8 TiB of disk: `torchrun --nproc_per_node 8 -m pipelines.run
     llama3-8b-32x` collects a window of 2**25 tokens data-parallel, trains on it with the layers
     spread over the ranks, and repeats with the next window (8.5B tokens would be 2 PiB at once);
-    it stops early if the dataset ends first.
+    it stops early if the dataset ends first, as RedPajama-Data-1T-Sample (a 1B-token sample, by its
+    card) does after about 30 windows.
     """
     store = root / "acts.zarr"
     return Recipe(
         "llama3-8b-32x",
-        "Llama-3-8B, layers 0-31, up to 8.5B tokens of RedPajama-1T-Sample at ctx 2048 in windows of 2**25; "
+        "Llama-3-8B, layers 0-31, up to 8.5B tokens of RedPajama-1T-Sample (~1B) at ctx 2048 in windows of 2**25; "
         "32x TopK SAEs, k=192",
         CollectConfig(
             out=store, model="meta-llama/Meta-Llama-3-8B", dataset="togethercomputer/RedPajama-Data-1T-Sample",
