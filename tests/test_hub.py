@@ -502,27 +502,21 @@ def test_readme_example_on_a_tiny_llama(hub: FakeHub, tmp_path: Path):
         every = [s.encode(h) for s, h in zip(saes.values(), outputs.hidden_states, strict=False)]  # the last is normed
     # ---
 
-    assert list(saes) == names
-    assert [e.top_indices.shape for e in every] == [(batch, seq, K)] * 3
+    assert list(saes) == names and [e.top_indices.shape for e in every] == [(batch, seq, K)] * 3
     assert torch.equal(every[1].top_indices, latents.top_indices)
-    # What the README says of the names: module `layers.0` outputs hidden_states[1], `embed_tokens` [0].
-    seen = {}
-    for name in ("embed_tokens", "layers.0"):
-        module = model.model.get_submodule(name)
-        module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o[0] if isinstance(o, tuple) else o))
+    seen = {}  # What the README says of the names: module `layers.0` outputs hidden_states[1], `embed_tokens` [0].
+    for name in names[:2]:
+        model.model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
     with torch.no_grad():
         model(input_ids)
-    torch.testing.assert_close(seen["embed_tokens"], outputs.hidden_states[0])
-    torch.testing.assert_close(seen["layers.0"], outputs.hidden_states[1])
-
-    assert latents.top_acts.shape == (batch, seq, K)
-    assert latents.top_indices.shape == (batch, seq, K)
+    for i, name in enumerate(names[:2]):
+        torch.testing.assert_close(seen[name][0] if isinstance(seen[name], tuple) else seen[name], outputs.hidden_states[i])
+    assert latents.top_acts.shape == latents.top_indices.shape == (batch, seq, K)
     assert latents.top_indices.dtype == torch.long
     assert int(latents.top_indices.min()) >= 0 and int(latents.top_indices.max()) < NUM_LATENTS
 
     # Independent dense computation from the saved tensors.
-    w = saved["layers.0"]
-    h = outputs.hidden_states[1]
+    w, h = saved["layers.0"], outputs.hidden_states[1]
     dense = torch.relu((h - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
     expected = dense.topk(K, dim=-1).values
     torch.testing.assert_close(latents.top_acts.sort(dim=-1, descending=True).values, expected)
