@@ -42,12 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def never_fired(sae, x: torch.Tensor) -> float:
-    """The fraction of latents that no held-out token selects."""
-    fired = torch.zeros(sae.num_latents, dtype=torch.bool)
-    for part in x.split(4096):
-        fired[sae.encode(part).top_indices.flatten()] = True
-    return 1 - fired.float().mean().item()
+def never_fired(saes: dict, store, chunks: list[int], exclude_first_tokens: int) -> dict[str, float]:
+    """Per SAE, the fraction of latents that no held-out token (as the evaluation reads them) selects."""
+    from saetrain.loader import StoreLoader
+
+    fired = {n: torch.zeros(sae.num_latents, dtype=torch.bool) for n, sae in saes.items()}
+    loader = StoreLoader(store, list(saes), chunks, seed=0, window=len(chunks), exclude_first_tokens=exclude_first_tokens)
+    for batch in loader.batches(0, 4096):
+        for n, sae in saes.items():
+            fired[n][sae.encode(batch.acts[n].float()).top_indices.flatten()] = True
+    return {n: 1 - f.float().mean().item() for n, f in fired.items()}
 
 
 def main(argv=None) -> int:
@@ -74,14 +78,11 @@ def main(argv=None) -> int:
                 ))
                 config = json.loads((out / "config.json").read_text())
                 metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                saes = Sae.load_many(out, local=True)
-                ranges = [store.layout.chunk_tokens_range(c) for c in config["holdout_chunks"]]
-                kept = torch.cat([torch.arange(r.start, r.stop) for r in ranges]) % store.layout.ctx_len
-                kept = kept >= args.exclude_first_tokens
+                dead = never_fired(Sae.load_many(out, local=True), store, config["holdout_chunks"],
+                                   args.exclude_first_tokens)
                 for layer, fvu in res.heldout_fvu.items():
-                    held = torch.cat([store.read(layer, r.start, r.stop).float() for r in ranges])[kept]
                     last = [m["fvu"] for m in metrics if m["layer"] == layer][-20:]
-                    rows.append((layer, norm, fvu, sum(last) / len(last), never_fired(saes[layer], held)))
+                    rows.append((layer, norm, fvu, sum(last) / len(last), dead[layer]))
         finally:
             trainer.ENCODER_INIT_NORM = default
     print(f"\n{'layer':>10} {'row norm':>9} {'held-out FVU':>13} {'train FVU (last 20)':>20} {'never fire':>11}")
