@@ -19,7 +19,8 @@ class Recipe:
     rounds: int = 1
     """Windows of `collect.max_tokens` tokens, collected and trained one after another: the store holds
     one window at a time (it replaces the last), and each round's training starts from the last
-    round's SAEs, Adam state and step (`saetrain fit --init-from`)."""
+    round's SAEs, Adam state and step (`saetrain fit --init-from`). A decaying `train.lr_schedule`
+    without `lr_schedule_steps` decays over the steps of every round (`rounds x` those of a window)."""
 
 
 def smollm2_demo(root: Path = Path("out/smollm2-demo")) -> Recipe:
@@ -60,20 +61,21 @@ def llama3_8b_32x(root: Path = Path("out/llama3-8b-32x")) -> Recipe:
     llama3-8b-32x` collects a window of 2**25 tokens data-parallel, trains on it with the layers
     spread over the ranks, and repeats with the next window (8.5B tokens would be 2 PiB at once);
     it stops early if the dataset ends first, as RedPajama-Data-1T-Sample (a 1B-token sample, by its
-    card) does after about 30 windows.
+    card) does after about 30 windows. As EleutherAI's `sae` trained them, the lr decays linearly to 0,
+    in one decay over every round.
     """
     store = root / "acts.zarr"
     return Recipe(
         "llama3-8b-32x",
         "Llama-3-8B, layers 0-31, up to 8.5B tokens of RedPajama-1T-Sample (~1B) at ctx 2048 in windows of 2**25; "
-        "32x TopK SAEs, k=192",
+        "32x TopK SAEs, k=192, lr decaying linearly over all rounds",
         CollectConfig(
             out=store, model="meta-llama/Meta-Llama-3-8B", dataset="togethercomputer/RedPajama-Data-1T-Sample",
             layers="0-31", ctx_len=2048, batch_size=16, dtype="bfloat16", max_tokens=LLAMA3_WINDOW,
         ),
         TrainConfig(
             store=store, out=root / "saes", k=192, expansion_factor=32, batch_size=8 * 2048 * 8, lr_warmup_steps=1000,
-            distribute_layers=True, holdout=0.001, save_every=1000,
+            lr_schedule="linear", distribute_layers=True, holdout=0.001, save_every=1000,
         ),
         rounds=-(-8_500_000_000 // LLAMA3_WINDOW),
     )

@@ -125,6 +125,10 @@ def run_rounds(recipe: Recipe) -> int:
         raise UserError(f"{progress}: its {done + 1} finished round(s) trained on windows of {state['window']:,} "
                         f"tokens, and recipe {recipe.name} has windows of {window:,}, which would train some tokens "
                         f"again or skip some; keep the window, or start afresh in another train.out")
+    train = recipe.train
+    if train.lr_schedule != "constant" and not train.lr_schedule_steps:  # one decay over every round
+        per_round = -(-min(window * train.epochs, train.max_tokens or window * train.epochs) // train.batch_size)
+        train = dataclasses.replace(train, lr_schedule_steps=recipe.rounds * per_round)
     fit_res = None
     for r in range(done + 1, recipe.rounds):
         c = dataclasses.replace(recipe.collect, skip_tokens=r * window)
@@ -138,7 +142,7 @@ def run_rounds(recipe: Recipe) -> int:
             break
         out = runs / f"round_{r:04d}"
         prev = runs / f"round_{r - 1:04d}" if r else None
-        fit_res = fit(dataclasses.replace(recipe.train, out=out, init_from=prev, resume=out.exists()))
+        fit_res = fit(dataclasses.replace(train, out=out, init_from=prev, resume=out.exists()))
         if rank == 0:
             # The round folders go, their metrics stay: metrics/round_N.jsonl (+ .eval.json), one curve in order.
             (runs / "metrics").mkdir(exist_ok=True)

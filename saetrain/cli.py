@@ -33,6 +33,8 @@ def fit(
     micro_acc_steps: int = typer.Option(_default("micro_acc_steps"), help=_doc["micro_acc_steps"]),
     lr: float | None = typer.Option(None, help=_doc["lr"]),
     lr_warmup_steps: int = typer.Option(_default("lr_warmup_steps"), help=_doc["lr_warmup_steps"]),
+    lr_schedule: str = typer.Option(_default("lr_schedule"), metavar="constant|linear|cosine", help=_doc["lr_schedule"]),
+    lr_schedule_steps: int = typer.Option(_default("lr_schedule_steps"), help=_doc["lr_schedule_steps"]),
     auxk_alpha: float = typer.Option(_default("auxk_alpha"), help=_doc["auxk_alpha"]),
     dead_feature_threshold: int = typer.Option(_default("dead_feature_threshold"), help=_doc["dead_feature_threshold"]),
     multi_topk: bool = typer.Option(False, "--multi-topk", help=_doc["multi_topk"]),
@@ -68,7 +70,8 @@ def fit(
     cfg = TrainConfig(
         store=store, out=out, layers=layers, k=k, expansion_factor=expansion_factor, num_latents=num_latents,
         multi_topk=multi_topk, batch_size=batch_size, grad_acc_steps=grad_acc_steps, micro_acc_steps=micro_acc_steps,
-        lr=lr, lr_warmup_steps=lr_warmup_steps, auxk_alpha=auxk_alpha, dead_feature_threshold=dead_feature_threshold,
+        lr=lr, lr_warmup_steps=lr_warmup_steps, lr_schedule=lr_schedule, lr_schedule_steps=lr_schedule_steps,
+        auxk_alpha=auxk_alpha, dead_feature_threshold=dead_feature_threshold,
         max_tokens=max_tokens, epochs=epochs, seed=seed, exclude_first_tokens=exclude_first_tokens,
         exclude_token_ids=ids, holdout=holdout, shuffle_window=shuffle_window, save_every=save_every, resume=resume,
         init_from=init_from,

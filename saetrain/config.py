@@ -37,6 +37,10 @@ class TrainConfig:
     """Learning rate; default 2e-4 / sqrt(num_latents / 2**14)."""
     lr_warmup_steps: int = 1000
     """Linear warmup steps."""
+    lr_schedule: str = "constant"
+    """After the warmup: constant (Gao et al.), or a linear or cosine decay to 0 at --lr-schedule-steps."""
+    lr_schedule_steps: int = 0
+    """Optimizer step where a linear or cosine decay reaches 0, counted from the start of an --init-from chain; 0: this run's end."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
     dead_feature_threshold: int = 10_000_000

@@ -23,9 +23,14 @@ from .order import split_holdout
 # (--micro-acc-steps may change: it splits a batch without changing the step.)
 RESUME_KEYS = (
     "store_fingerprint", "layers", "k", "num_latents_per_layer", "normalize_decoder", "multi_topk", "batch_size",
-    "grad_acc_steps", "lr", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "grad_clip", "seed",
-    "exclude_first_tokens", "exclude_token_ids", "holdout", "shuffle_window", "data_parallel_world", "init_from",
+    "grad_acc_steps", "lr", "lr_warmup_steps", "lr_schedule", "lr_schedule_steps", "auxk_alpha",
+    "dead_feature_threshold", "grad_clip", "seed", "exclude_first_tokens", "exclude_token_ids", "holdout",
+    "shuffle_window", "data_parallel_world", "init_from",
 )
+
+
+# What the lr does after its warmup (saetrain.trainer.lr_factor).
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def default_lr(num_latents: int) -> float:
@@ -83,10 +88,15 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_latents", "lr_warmup_steps", "auxk_alpha", "dead_feature_threshold", "exclude_first_tokens",
-                 "save_every", "grad_clip"):
+    for name in ("num_latents", "lr_warmup_steps", "lr_schedule_steps", "auxk_alpha", "dead_feature_threshold",
+                 "exclude_first_tokens", "save_every", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule_steps and cfg.lr_schedule == "constant":
+        raise UserError(f"--lr-schedule-steps {cfg.lr_schedule_steps} sets where a decay ends, and --lr-schedule is "
+                        "constant; pass --lr-schedule linear or cosine, or drop --lr-schedule-steps")
     if cfg.lr is not None and not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr} (leave it out for the default scaling law)")
     bad_ids = [i for i in cfg.exclude_token_ids if not 0 <= i < 2**31]

@@ -73,11 +73,28 @@ _LOSSES = ("fvu", "auxk_loss", "multi_topk_fvu")
 ENCODER_INIT_NORM = 3**-0.5
 
 
+def lr_factor(step: int, warmup: int, schedule: str = "constant", end: int | None = None) -> float:
+    """The multiple of the lr that optimizer step `step` (from 0) takes.
+
+    A linear warmup over `warmup` steps (the first step takes 1/warmup), then constant, or a linear
+    or cosine decay that would reach 0 at step `end`: the last step of a run that ends there takes
+    1/(end - warmup) of the lr under the linear one (as transformers' get_linear_schedule_with_warmup,
+    which EleutherAI's `sae` trained with).
+    """
+    f = min(1.0, (step + 1) / max(warmup, 1))
+    if schedule == "constant" or step < warmup:
+        return f
+    p = min(1.0, (step - warmup) / max(end - warmup, 1))
+    return 1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+
+
 class LayerTrainer:
     """One SAE with its optimizer, dead-latent counters and metrics."""
 
-    def __init__(self, name: str, d_in: int, cfg: TrainConfig, sae_cfg: SaeConfig, lr: float, device, seed: int):
+    def __init__(self, name: str, d_in: int, cfg: TrainConfig, sae_cfg: SaeConfig, lr: float, device, seed: int,
+                 schedule_end: int | None = None):
         self.name = name
+        self.schedule_end = schedule_end  # the step a linear or cosine decay reaches 0 at (see lr_factor)
         torch.manual_seed(seed)
         self.sae = Sae(d_in, sae_cfg, device=device, dtype=torch.float32)
         if sae_cfg.normalize_decoder:  # (otherwise the encoder keeps nn.Linear's init, already at that norm)
@@ -143,7 +160,7 @@ class LayerTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
         if sae.cfg.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
-        lr = self.lr * min(1.0, (step + 1) / max(self.cfg.lr_warmup_steps, 1))
+        lr = self.lr * lr_factor(step, self.cfg.lr_warmup_steps, self.cfg.lr_schedule, self.schedule_end)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
@@ -242,9 +259,11 @@ def _fit(cfg: TrainConfig) -> FitResult:
     sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
                             num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
                for n in layers}
+    resolved["lr_schedule_steps"] = _schedule_end(cfg, loader, dp, world, resolved["loader_batch"],
+                                                  init[1]["step"] if init is not None else 0)
     trainers = {
         n: LayerTrainer(n, resolved["d_in"][n], cfg, sae_cfg[n], resolved["lr_per_layer"][n], device,
-                        seed=cfg.seed * 100_003 + layers.index(n))
+                        seed=cfg.seed * 100_003 + layers.index(n), schedule_end=resolved["lr_schedule_steps"])
         for n in mine
     }
 
@@ -378,6 +397,16 @@ def _resume_state(cfg: TrainConfig, out: Path, resolved: dict) -> dict | None:
             )
         if isinstance(old.get("exclude_token_ids"), list):  # (recorded as given before it was a sorted set)
             old["exclude_token_ids"] = sorted(set(old["exclude_token_ids"]))
+        old.setdefault("lr_schedule", "constant")  # (runs from before the schedules)
+        old.setdefault("lr_schedule_steps", None)
+        was, now = old["lr_schedule_steps"], resolved["lr_schedule_steps"]
+        if old["lr_schedule"] == resolved["lr_schedule"] != "constant" and was != now:
+            keep = f" (or pass --lr-schedule-steps {was})" if now < was and not cfg.lr_schedule_steps else ""
+            raise UserError(
+                f"cannot resume {out}: its {old['lr_schedule']} lr decay reaches 0 at step {was:,} and these settings "
+                f"put that at step {now:,}; resume with the run's --epochs and --max-tokens{keep}, continue it as a new "
+                "run with --init-from (its decay starts anew), or start over with --overwrite"
+            )
         for key in RESUME_KEYS:
             if old.get(key) != resolved.get(key):
                 raise UserError(
@@ -511,6 +540,34 @@ def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
     import wandb  # importable: checked in _validate
 
     return wandb.init(project=cfg.wandb, name=out.name, config=resolved, dir=str(out))
+
+
+def _schedule_end(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int, first: int) -> int | None:
+    """The step where a decaying lr schedule reaches 0 (None for a constant one): --lr-schedule-steps, or
+    the last step of this run, which starts at step `first` (that of the run it continues, or 0)."""
+    if cfg.lr_schedule == "constant":
+        return None
+    end = first + _planned_steps(cfg, loader, dp, world, loader_batch)
+    if cfg.lr_schedule_steps and cfg.lr_schedule_steps < end:
+        raise UserError(f"--lr-schedule-steps {cfg.lr_schedule_steps:,} ends the {cfg.lr_schedule} decay before the run "
+                        f"does (at step {end:,}), leaving its last steps at lr 0; raise it (0: the run's end) or train "
+                        "fewer tokens (--epochs, --max-tokens)")
+    return cfg.lr_schedule_steps or end
+
+
+def _planned_steps(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int) -> int:
+    """The optimizer steps a run takes from its start, as `_train` makes them: steps of `loader_batch x
+    --grad-acc-steps` tokens per rank, the last of an epoch taking its tail (StoreLoader.batches), until
+    --epochs are done or --max-tokens are seen (counted over the data-parallel ranks, after whole steps)."""
+    size, ranks = loader_batch * cfg.grad_acc_steps, world if dp else 1
+    steps, budget = 0, cfg.max_tokens or math.inf
+    for epoch in range(cfg.epochs):
+        n = _epoch_tokens(loader, epoch, dp)
+        full = (n - size - size // 2) // size + 1 if n >= size + size // 2 else 0  # then a tail of 0.5-1.5 steps
+        if budget <= n * ranks:  # --max-tokens ends the run inside this epoch
+            return steps + min(math.ceil(budget / (size * ranks)), full + 1)
+        steps, budget = steps + full + (n > full * size), budget - n * ranks
+    return steps
 
 
 def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:

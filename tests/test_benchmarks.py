@@ -52,19 +52,20 @@ def test_data_benchmark_times_windows_against_the_whole(tiny_model_dir, tmp_path
     assert "reproduce with:\n  python -m benchmarks.data --copies 2" in out
 
 
-def test_encoder_init_benchmark_compares_norms_and_restores_the_default(store_path, capsys):
+def test_fit_quality_benchmark_compares_recipes_and_restores_the_default(store_path, capsys):
     import saetrain.trainer
-    from benchmarks import encoder_init
+    from benchmarks import fit_quality
 
     before = saetrain.trainer.ENCODER_INIT_NORM
-    assert encoder_init.main(["--store", str(store_path), "--layers", "1", "--norms", "1,0.5", "--k", "4",
-                              "--expansion-factor", "4", "--batch-size", "64", "--epochs", "1",
-                              "--lr-warmup-steps", "2", "--holdout", "0.2"]) == 0
+    assert fit_quality.main(["--store", str(store_path), "--layers", "1", "--norms", "1,0.5", "--lr-schedules",
+                             "constant,linear", "--k", "4", "--expansion-factor", "4", "--batch-size", "64", "--epochs",
+                             "1", "--lr-warmup-steps", "2", "--holdout", "0.2"]) == 0
     assert saetrain.trainer.ENCODER_INIT_NORM == before
     out = capsys.readouterr().out
-    rows = re.findall(r"^\s+layer_1\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
-    assert [r[0] for r in rows] == ["1.000", "0.500"]
-    assert all(0 < float(r[1]) < 2 and 0 < float(r[2]) < 2 for r in rows)
-    # The two runs differ only in the encoder's start, so their results differ.
-    assert rows[0][1] != rows[1][1]
-    assert "reproduce with:\n  python -m benchmarks.encoder_init --store" in out
+    rows = re.findall(r"^\s+layer_1\s+([\d.]+)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
+    assert [r[:2] for r in rows] == [("1.000", "constant"), ("1.000", "linear"), ("0.500", "constant"),
+                                     ("0.500", "linear")]
+    assert all(0 < float(r[2]) < 2 and 0 < float(r[3]) < 2 for r in rows)
+    # The runs differ in the encoder's start or the lr after warmup only, so their results differ.
+    assert len({r[2] for r in rows}) == 4
+    assert "reproduce with:\n  python -m benchmarks.fit_quality --store" in out

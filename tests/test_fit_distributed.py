@@ -37,7 +37,7 @@ from tests.fit_fixtures import (
 ATOL = 1e-5
 LAYERS = ["layer_0", "layer_1", "layer_2"]
 REF12_ARGS = ("--layers", "1,2", "--save-every", "5", "--epochs", "2")
-SINGLE3_ARGS = ("--layers", "0-2", "--save-every", "20")
+SINGLE3_ARGS = ("--layers", "0-2", "--save-every", "20", "--lr-schedule", "linear")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def dp2(store, runs) -> Job:
     (Each layer's SAE depends only on the data, the seed and its index in --layers, so single3's
     layer_0 and layer_1 are exactly what one process would train with --layers 0-1.)
     """
-    argv = fit_argv(store, runs[0] / "dp2", "--layers", "0-1", "--save-every", "20")
+    argv = fit_argv(store, runs[0] / "dp2", "--layers", "0-1", "--save-every", "20", "--lr-schedule", "linear")
     return _start(runs, "dp2", torchrun(2, "tests.fit_fixtures", argv), FIT_DUMP=str(runs[0] / "dp2_dump"))
 
 
@@ -309,6 +309,12 @@ def test_data_parallel_converges_like_single_process(runs, dp2, single3):
     assert {ln for _, ln in dp_lines} == {"layer_0", "layer_1"}
     last = max(s for s, _ in sp_lines)
     assert dp_lines[last, "layer_0"]["tokens"] == sp_lines[last, "layer_0"]["tokens"]
+    # The linear decay would reach 0 a step after the last, worked out before the run from each rank's share.
+    for run, lines in ((out, dp_lines), (ref, sp_lines)):
+        config = json.loads((run / "config.json").read_text())
+        assert config["lr_schedule_steps"] == last
+        lr = config["lr_per_layer"]["layer_0"]
+        assert lines[last, "layer_0"]["lr"] == pytest.approx(lr / (last - 5))  # (--lr-warmup-steps 5)
     assert not (out / "plan.json").exists()
 
     # What rank 0 trained is what it published.

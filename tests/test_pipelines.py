@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pipelines import run
 from sae_core.store import ActivationStore
+from saetrain.trainer import lr_factor
 from tests.fit_fixtures import Job, torchrun
 
 # A recipe file as a user writes one: 4 rounds of 12-sequence windows over ~33 sequences.
@@ -31,7 +32,8 @@ def tiny(root=Path({root!r}), rounds=4, layers="1,2"):
         CollectConfig(out=store, model={model!r}, dataset={data!r}, layers=layers, ctx_len=32, max_tokens=12 * 32,
                       seqs_per_shard=4, chunk_tokens=32, dtype="float32", device="cpu", progress=False),
         TrainConfig(store=store, out=root / "saes", k=4, expansion_factor=4, batch_size=64, lr_warmup_steps=2,
-                    save_every=0, shuffle_window=4, device="cpu", progress=False, distribute_layers=True),
+                    lr_schedule="linear", save_every=0, shuffle_window=4, device="cpu", progress=False,
+                    distribute_layers=True),
         rounds=rounds,
     )
 
@@ -97,6 +99,10 @@ def test_rounds_train_on_consecutive_windows(single, tiny_model_dir, tiny_text_d
     assert kept == [f"round_000{r}.jsonl" for r in range(3)]  # (and .eval.json where a round holds out chunks)
     curve = [json.loads(ln) for r in range(3) for ln in (runs / "metrics" / f"round_000{r}.jsonl").read_text().splitlines()]
     assert sorted({m["step"] for m in curve}) == list(range(1, 18))
+    # One linear decay over the 4 rounds of 6 steps (the recipe's lr_schedule_steps is 0), not one per round.
+    assert config["lr_schedule_steps"] == 24
+    lr = config["lr_per_layer"]["layer_1"]
+    assert [m["lr"] for m in curve] == pytest.approx([lr * lr_factor(m["step"] - 1, 2, "linear", 24) for m in curve])
     assert run.main([recipe_file(root, tiny_model_dir, tiny_text_dir)]) == 0  # a rerun: nothing left to do
     assert "stopping after 3 round(s)" in capsys.readouterr().out
 

@@ -29,7 +29,8 @@ def test_saetrain_cli():
     assert options(saetrain_app) == {
         "fit": ["--auxk-alpha", "--batch-size", "--dead-feature-threshold", "--device", "--distribute-layers",
                 "--epochs", "--exclude-first-tokens", "--exclude-token-ids", "--expansion-factor", "--grad-acc-steps",
-                "--grad-clip", "--holdout", "--init-from", "--k", "--layers", "--lr", "--lr-warmup-steps", "--max-tokens",
+                "--grad-clip", "--holdout", "--init-from", "--k", "--layers", "--lr", "--lr-schedule", "--lr-schedule-steps",
+                "--lr-warmup-steps", "--max-tokens",
                 "--micro-acc-steps", "--multi-topk", "--num-latents", "--out", "--overwrite", "--progress",
                 "--read-threads", "--resume", "--save-every", "--seed", "--shuffle-window", "--store", "--wandb"],
         "evaluate": ["--device", "--json", "--layers", "--store"],
