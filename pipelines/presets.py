@@ -61,8 +61,8 @@ def llama3_8b_32x(root: Path = Path("out/llama3-8b-32x")) -> Recipe:
     llama3-8b-32x` collects a window of 2**25 tokens data-parallel, trains on it with the layers
     spread over the ranks, and repeats with the next window (8.5B tokens would be 2 PiB at once);
     it stops early if the dataset ends first, as RedPajama-Data-1T-Sample (a 1B-token sample, by its
-    card) does after about 30 windows. As EleutherAI's `sae` trained them, the lr decays linearly to 0,
-    in one decay over every round.
+    card) does after about 30 windows. As EleutherAI's `sae` trained them, the lr decays linearly,
+    in one decay over all 254 rounds (so where the data ends after 30, at about 90% of its peak).
     """
     store = root / "acts.zarr"
     return Recipe(

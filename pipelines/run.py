@@ -29,6 +29,7 @@ from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
 from saetrain import TrainConfig, fit
+from saetrain.trainer import most_steps
 
 from .presets import PRESETS, Recipe
 
@@ -127,7 +128,7 @@ def run_rounds(recipe: Recipe) -> int:
                         f"again or skip some; keep the window, or start afresh in another train.out")
     train = recipe.train
     if train.lr_schedule != "constant" and not train.lr_schedule_steps:  # one decay over every round
-        per_round = -(-min(window * train.epochs, train.max_tokens or window * train.epochs) // train.batch_size)
+        per_round = most_steps(window, train.batch_size, train.epochs, train.max_tokens)
         train = dataclasses.replace(train, lr_schedule_steps=recipe.rounds * per_round)
     fit_res = None
     for r in range(done + 1, recipe.rounds):

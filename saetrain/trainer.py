@@ -399,20 +399,22 @@ def _resume_state(cfg: TrainConfig, out: Path, resolved: dict) -> dict | None:
             old["exclude_token_ids"] = sorted(set(old["exclude_token_ids"]))
         old.setdefault("lr_schedule", "constant")  # (runs from before the schedules)
         old.setdefault("lr_schedule_steps", None)
-        was, now = old["lr_schedule_steps"], resolved["lr_schedule_steps"]
-        if old["lr_schedule"] == resolved["lr_schedule"] != "constant" and was != now:
-            keep = f" (or pass --lr-schedule-steps {was})" if now < was and not cfg.lr_schedule_steps else ""
-            raise UserError(
-                f"cannot resume {out}: its {old['lr_schedule']} lr decay reaches 0 at step {was:,} and these settings "
-                f"put that at step {now:,}; resume with the run's --epochs and --max-tokens{keep}, continue it as a new "
-                "run with --init-from (its decay starts anew), or start over with --overwrite"
-            )
         for key in RESUME_KEYS:
-            if old.get(key) != resolved.get(key):
+            if key != "lr_schedule_steps" and old.get(key) != resolved.get(key):
                 raise UserError(
                     f"cannot resume {out}: {key} differs (run: {old.get(key)!r}, now: {resolved.get(key)!r}); "
                     "use the first run's settings or --overwrite"
                 )
+        was, now = old["lr_schedule_steps"], resolved["lr_schedule_steps"]
+        if was != now:  # a decay, as the run's; only --epochs, --max-tokens or --lr-schedule-steps can move its end
+            given = bool(cfg.lr_schedule_steps)
+            fix = (f"pass the run's --lr-schedule-steps {was}" if given else "resume with the run's --epochs and "
+                   "--max-tokens" + (f" (or pass --lr-schedule-steps {was})" if now < was else ""))
+            raise UserError(
+                f"cannot resume {out}: its {old['lr_schedule']} lr decay reaches 0 at step {was:,} and "
+                f"{'--lr-schedule-steps' if given else 'these settings'} put that at step {now:,}; {fix}, continue it "
+                "as a new run with --init-from (its decay starts anew), or start over with --overwrite"
+            )
         found = ckpt.latest(out)
         state = found[1] if found else None
     return state
@@ -564,10 +566,19 @@ def _planned_steps(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, 
     for epoch in range(cfg.epochs):
         n = _epoch_tokens(loader, epoch, dp)
         full = (n - size - size // 2) // size + 1 if n >= size + size // 2 else 0  # then a tail of 0.5-1.5 steps
+        last = full + (n > full * size)
         if budget <= n * ranks:  # --max-tokens ends the run inside this epoch
-            return steps + min(math.ceil(budget / (size * ranks)), full + 1)
-        steps, budget = steps + full + (n > full * size), budget - n * ranks
+            return steps + min(-(-budget // (size * ranks)), last)
+        steps, budget = steps + last, budget - n * ranks
     return steps
+
+
+def most_steps(epoch_tokens: int, batch_size: int, epochs: int = 1, max_tokens: int | None = None) -> int:
+    """At most the optimizer steps of a run over epochs of at most `epoch_tokens` kept tokens (any holdout,
+    exclusions or data-parallel split): an epoch takes at most ceil(tokens / step) steps, and only the
+    last step of an epoch holds less than a whole one, so --max-tokens takes at most one more per epoch."""
+    most = epochs * -(-epoch_tokens // batch_size)
+    return min(most, -(-max_tokens // batch_size) + epochs - 1) if max_tokens else most
 
 
 def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:

@@ -62,6 +62,53 @@ def test_a_decay_ends_at_the_runs_last_step(store_path, tmp_path):
     assert tails == {True, False}  # runs of whole steps only, and runs with a tail
 
 
+def _steps_as_the_loader_cuts_them(epoch_tokens: list[int], size: int, ranks: int, max_tokens: int | None) -> int:
+    """Optimizer steps of `size` tokens per rank over epochs of these tokens per rank, each step as
+    StoreLoader.batches sizes it (saetrain.loader._group_sizes), stopping after the step that reaches
+    `max_tokens` (counted over the ranks), as `_train` does."""
+    from saetrain.loader import _group_sizes
+
+    steps = seen = 0
+    for n in epoch_tokens:
+        while n:
+            take = sum(_group_sizes(n, size, 1))
+            n, steps, seen = n - take, steps + 1, seen + take * ranks
+            if max_tokens and seen >= max_tokens:
+                return steps
+    return steps
+
+
+def test_planned_steps_are_the_steps_the_loader_makes_and_most_steps_bounds_them():
+    """`_planned_steps` (the end of a decay over this run) against a step-by-step count of the loader's
+    own cutting, with data-parallel ranks, tails and --max-tokens; `most_steps` (a pipeline's rounds)
+    is never below it, whatever part of a window a rank gets."""
+    import random
+    from pathlib import Path
+
+    from saetrain import TrainConfig
+    from saetrain.trainer import _planned_steps, most_steps
+
+    class Loader:  # what _planned_steps reads of a StoreLoader: the kept tokens of each epoch (this rank's)
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def epoch_tokens(self, epoch):
+            return self.tokens[epoch]
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        ranks, size, epochs = rng.randint(1, 3), rng.randint(1, 40), rng.randint(1, 3)
+        window = rng.randint(1, 400) * ranks
+        tokens = [rng.randint(1, window // ranks) for _ in range(epochs)]
+        max_tokens = rng.choice([None, rng.randint(1, 2 * window * epochs)])
+        config = TrainConfig(store=Path("unused"), out=Path("unused"), epochs=epochs, max_tokens=max_tokens)
+        expected = _steps_as_the_loader_cuts_them(tokens, size, ranks, max_tokens)
+        assert _planned_steps(config, Loader(tokens), dp=ranks > 1, world=ranks, loader_batch=size) == expected
+        assert expected <= most_steps(window, size * ranks, epochs, max_tokens), (tokens, size, ranks, max_tokens)
+    # The bound is tight for a whole window in one process: 10.5 steps an epoch take 11 (the tail is one).
+    assert most_steps(21 * 1024, 2048, epochs=2) == 22 == _steps_as_the_loader_cuts_them([21 * 1024] * 2, 2048, 1, None)
+
+
 def test_an_init_from_chain_decays_over_the_steps_given(store_path, tmp_path):
     """--lr-schedule-steps counts from the chain's start: the run it continues, then this one; the
     recipe of a pipeline in rounds gives its total, so one decay spans every round."""
@@ -100,8 +147,13 @@ def test_resume_keeps_the_decay(store_path, tmp_path):
     with pytest.raises(UserError, match=re.escape(f"(or pass --lr-schedule-steps {end}), continue")):
         fit(cfg(store_path, out, **{**run, "epochs": 1}, resume=True))
     fit(cfg(store_path, out, **{**run, "epochs": 1}, lr_schedule_steps=end, resume=True))
-    with pytest.raises(UserError, match=r"lr_schedule differs \(run: 'cosine', now: 'linear'\)"):
-        fit(cfg(store_path, out, **{**run, "lr_schedule": "linear"}, resume=True))
+    with pytest.raises(UserError, match=re.escape(
+            f"--lr-schedule-steps put that at step {end + 5}; pass the run's --lr-schedule-steps {end}, continue")):
+        fit(cfg(store_path, out, **run, lr_schedule_steps=end + 5, resume=True))
+    # Another setting that moves the end is named as itself, not as the decay's end.
+    for change, key in ((dict(lr_schedule="linear"), "lr_schedule"), (dict(batch_size=32), "batch_size")):
+        with pytest.raises(UserError, match=rf"^cannot resume .*: {key} differs \(run: "):
+            fit(cfg(store_path, out, **{**run, **change}, resume=True))
 
 
 @pytest.mark.parametrize("args, message", [
