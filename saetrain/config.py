@@ -40,7 +40,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """After the warmup: constant (Gao et al.), or a linear or cosine decay to 0 at --lr-schedule-steps."""
     lr_schedule_steps: int = 0
-    """Optimizer step where a linear or cosine decay reaches 0, counted from the start of an --init-from chain; 0: this run's end."""
+    """Optimizer step where a linear or cosine decay reaches 0, counted from the start of an --init-from chain; 0: this run's end (its decay then starts at its first step)."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
     dead_feature_threshold: int = 10_000_000

@@ -73,18 +73,19 @@ _LOSSES = ("fvu", "auxk_loss", "multi_topk_fvu")
 ENCODER_INIT_NORM = 3**-0.5
 
 
-def lr_factor(step: int, warmup: int, schedule: str = "constant", end: int | None = None) -> float:
+def lr_factor(step: int, warmup: int, schedule: str = "constant", end: int | None = None, start: int = 0) -> float:
     """The multiple of the lr that optimizer step `step` (from 0) takes.
 
     A linear warmup over `warmup` steps (the first step takes 1/warmup), then constant, or a linear
-    or cosine decay that would reach 0 at step `end`: the last step of a run that ends there takes
-    1/(end - warmup) of the lr under the linear one (as transformers' get_linear_schedule_with_warmup,
-    which EleutherAI's `sae` trained with).
+    or cosine decay from step `max(warmup, start)` that would reach 0 at step `end`: the last step of
+    a run that ends there takes 1/(end - warmup) of the lr under the linear one (as transformers'
+    get_linear_schedule_with_warmup, which EleutherAI's `sae` trained with).
     """
     f = min(1.0, (step + 1) / max(warmup, 1))
-    if schedule == "constant" or step < warmup:
+    begin = max(warmup, start)
+    if schedule == "constant" or step < begin:
         return f
-    p = min(1.0, (step - warmup) / max(end - warmup, 1))
+    p = min(1.0, (step - begin) / max(end - begin, 1))
     return 1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
 
 
@@ -92,9 +93,9 @@ class LayerTrainer:
     """One SAE with its optimizer, dead-latent counters and metrics."""
 
     def __init__(self, name: str, d_in: int, cfg: TrainConfig, sae_cfg: SaeConfig, lr: float, device, seed: int,
-                 schedule_end: int | None = None):
+                 decay: tuple[int, int] | None = None):
         self.name = name
-        self.schedule_end = schedule_end  # the step a linear or cosine decay reaches 0 at (see lr_factor)
+        self.decay = decay or (0, 0)  # the steps a linear or cosine decay starts from and reaches 0 at (lr_factor)
         torch.manual_seed(seed)
         self.sae = Sae(d_in, sae_cfg, device=device, dtype=torch.float32)
         if sae_cfg.normalize_decoder:  # (otherwise the encoder keeps nn.Linear's init, already at that norm)
@@ -160,7 +161,8 @@ class LayerTrainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
         if sae.cfg.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
-        lr = self.lr * lr_factor(step, self.cfg.lr_warmup_steps, self.cfg.lr_schedule, self.schedule_end)
+        start, end = self.decay
+        lr = self.lr * lr_factor(step, self.cfg.lr_warmup_steps, self.cfg.lr_schedule, end, start)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
@@ -259,11 +261,11 @@ def _fit(cfg: TrainConfig) -> FitResult:
     sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
                             num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
                for n in layers}
-    resolved["lr_schedule_steps"] = _schedule_end(cfg, loader, dp, world, resolved["loader_batch"],
-                                                  init[1]["step"] if init is not None else 0)
+    decay = _decay(cfg, loader, dp, world, resolved["loader_batch"], init[1]["step"] if init is not None else 0)
+    resolved["lr_schedule_steps"] = decay[1] if decay else None
     trainers = {
         n: LayerTrainer(n, resolved["d_in"][n], cfg, sae_cfg[n], resolved["lr_per_layer"][n], device,
-                        seed=cfg.seed * 100_003 + layers.index(n), schedule_end=resolved["lr_schedule_steps"])
+                        seed=cfg.seed * 100_003 + layers.index(n), decay=decay)
         for n in mine
     }
 
@@ -544,9 +546,11 @@ def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
     return wandb.init(project=cfg.wandb, name=out.name, config=resolved, dir=str(out))
 
 
-def _schedule_end(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int, first: int) -> int | None:
-    """The step where a decaying lr schedule reaches 0 (None for a constant one): --lr-schedule-steps, or
-    the last step of this run, which starts at step `first` (that of the run it continues, or 0)."""
+def _decay(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int, first: int) -> tuple[int, int] | None:
+    """The steps a decaying lr starts from and reaches 0 at (None: constant), for a run that starts at step
+    `first` (that of the run it continues, or 0). Given --lr-schedule-steps, the decay is the chain's: from
+    the warmup's end to that step. Otherwise it is this run's: from its first step (a run continuing
+    another starts it at the full lr) to its end."""
     if cfg.lr_schedule == "constant":
         return None
     end = first + _planned_steps(cfg, loader, dp, world, loader_batch)
@@ -554,7 +558,7 @@ def _schedule_end(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, l
         raise UserError(f"--lr-schedule-steps {cfg.lr_schedule_steps:,} ends the {cfg.lr_schedule} decay before the run "
                         f"does (at step {end:,}), leaving its last steps at lr 0; raise it (0: the run's end) or train "
                         "fewer tokens (--epochs, --max-tokens)")
-    return cfg.lr_schedule_steps or end
+    return (0, cfg.lr_schedule_steps) if cfg.lr_schedule_steps else (first, end)
 
 
 def _planned_steps(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int) -> int:

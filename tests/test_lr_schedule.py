@@ -36,6 +36,10 @@ def test_the_decays_are_transformers_schedules():
             assert ours[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
             assert ref[:warmup] == pytest.approx([s / warmup for s in range(warmup)])
             assert ours[-1] > 0 and lr_factor(end, warmup, name, end) == pytest.approx(0, abs=1e-12)
+            # A decay that starts at step 9 (a run continuing another, past its warmup) is the curve of a
+            # run without warmup, over its own steps.
+            later = [lr_factor(s, warmup, name, end + 9, start=9) for s in range(9, end + 9)]
+            assert later == pytest.approx([lr_factor(s, 0, name, end) for s in range(end)])
         assert [lr_factor(s, warmup) for s in range(end)] == [min(1, (s + 1) / max(warmup, 1)) for s in range(end)]
 
 
@@ -120,9 +124,11 @@ def test_an_init_from_chain_decays_over_the_steps_given(store_path, tmp_path):
     lines = _metrics(a) + _metrics(b)
     assert [ln["step"] for ln in lines] == list(range(1, rb.steps + 1))  # (a run's steps count the chain's)
     assert [ln["lr"] for ln in lines] == pytest.approx([lr * lr_factor(s, 3, "linear", 40) for s in range(len(lines))])
-    # Without the total, the run continued decays to 0 at its own end.
+    # Without the total, the run continued decays over itself, from the full lr to 0 at its end: a cool-down.
     fit(cfg(store_path, tmp_path / "c", **run, init_from=a))
     assert json.loads((tmp_path / "c" / "config.json").read_text())["lr_schedule_steps"] == 2 * ra.steps
+    n = ra.steps
+    assert [ln["lr"] for ln in _metrics(tmp_path / "c")] == pytest.approx([lr * (1 - i / n) for i in range(n)])
     # A decay that would end before the run does is refused before anything is written.
     with pytest.raises(UserError, match=re.escape(
             f"--lr-schedule-steps 15 ends the linear decay before the run does (at step {2 * ra.steps}), leaving "
