@@ -94,6 +94,10 @@ def fit(
                    f"{lr_warmup_steps:,}): the lr reached {res.steps / lr_warmup_steps:.0%} of its target; lower "
                    "--lr-warmup-steps for a run at the full rate (a run continuing this one with --init-from goes on "
                    "warming up)")
+    if auxk_alpha > 0 and res.chain_tokens <= dead_feature_threshold:
+        typer.echo(f"note: a latent counts as dead after {dead_feature_threshold:,} tokens without firing "
+                   f"(--dead-feature-threshold), more than the {res.chain_tokens:,} trained on, so AuxK, which revives "
+                   "dead latents, never acted; lower it for a run this short (e.g. to a tenth of its tokens)")
 
 
 @app.command()

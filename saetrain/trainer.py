@@ -49,6 +49,8 @@ class FitResult:
     seconds: float
     heldout_fvu: dict[str, float]
     layers: list[str]
+    chain_tokens: int = 0
+    """Training tokens since the start of the --init-from chain (this run's `tokens` without one)."""
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-5) -> torch.Tensor:
@@ -534,7 +536,8 @@ def _train(cfg, resolved, trainers, loader, store, out, state, rank, world, dp, 
         if wandb_run is not None:
             wandb_run.finish()
     fvu = _evaluate(cfg, resolved, trainers, store, out, rank, world, dp, device)
-    return FitResult(out, step, tokens_seen, time.perf_counter() - t0, fvu, list(resolved["layers"]))
+    return FitResult(out, step, tokens_seen, time.perf_counter() - t0, fvu, list(resolved["layers"]),
+                     base_tokens + tokens_seen)
 
 
 def _wandb(cfg: TrainConfig, resolved: dict, out: Path):

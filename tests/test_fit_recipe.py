@@ -57,10 +57,32 @@ def test_a_run_shorter_than_its_warmup_is_noted(store_path, tmp_path, capsys):
     out = capsys.readouterr().out
     steps = int(re.search(r"trained 4 SAE\(s\), (\d+) steps", out).group(1))
     assert 0 < steps < 100
-    assert out.splitlines()[-1] == (
+    assert out.splitlines()[-2] == (
         f"note: the run ended at step {steps}, before its lr warmup did (--lr-warmup-steps 100): the lr reached "
         f"{steps / 100:.0%} of its target; lower --lr-warmup-steps for a run at the full rate (a run continuing "
         "this one with --init-from goes on warming up)")
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "short"), "--lr-warmup-steps", str(steps)])
     assert "warmup" not in capsys.readouterr().out
+
+
+def test_a_run_too_short_for_auxk_is_noted(store_path, tmp_path, capsys):
+    """AuxK acts on latents dead for --dead-feature-threshold tokens: a run of fewer tokens (sparsify's
+    default is 10M) never reaches it, and says so; with a lower threshold (or no AuxK) there is no note."""
+    from saetrain.cli import main
+
+    base = ["fit", "--store", str(store_path), "--layers", "1", "--k", "4", "--expansion-factor", "4", "--batch-size",
+            "64", "--holdout", "0", "--lr-warmup-steps", "2", "--no-progress"]
+    with pytest.raises(SystemExit) as done:
+        main([*base, "--out", str(tmp_path / "a")])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    tokens = int(re.search(r"steps, ([\d,]+) tokens", out).group(1).replace(",", ""))
+    assert out.splitlines()[-1] == (
+        f"note: a latent counts as dead after 10,000,000 tokens without firing (--dead-feature-threshold), more than "
+        f"the {tokens:,} trained on, so AuxK, which revives dead latents, never acted; lower it for a run this short "
+        "(e.g. to a tenth of its tokens)")
+    for i, extra in enumerate((["--dead-feature-threshold", str(tokens // 10)], ["--auxk-alpha", "0"])):
+        with pytest.raises(SystemExit):
+            main([*base, "--out", str(tmp_path / f"b{i}"), *extra])
+        assert "note" not in capsys.readouterr().out
