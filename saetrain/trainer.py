@@ -79,9 +79,9 @@ def lr_factor(step: int, warmup: int, schedule: str = "constant", end: int | Non
     """The multiple of the lr that optimizer step `step` (from 0) takes.
 
     A linear warmup over `warmup` steps (the first step takes 1/warmup), then constant, or a linear
-    or cosine decay from step `max(warmup, start)` that would reach 0 at step `end`: the last step of
-    a run that ends there takes 1/(end - warmup) of the lr under the linear one (as transformers'
-    get_linear_schedule_with_warmup, which EleutherAI's `sae` trained with).
+    or cosine decay from step `begin = max(warmup, start)` that would reach 0 at step `end`: the last
+    step of a run that ends there takes 1/(end - begin) of the lr under the linear one (with start 0,
+    transformers' get_linear_schedule_with_warmup, which EleutherAI's `sae` trained with).
     """
     f = min(1.0, (step + 1) / max(warmup, 1))
     begin = max(warmup, start)
@@ -573,10 +573,10 @@ def _planned_steps(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, 
     for epoch in range(cfg.epochs):
         n = _epoch_tokens(loader, epoch, dp)
         full = (n - size - size // 2) // size + 1 if n >= size + size // 2 else 0  # then a tail of 0.5-1.5 steps
-        last = full + (n > full * size)
+        in_epoch = full + (n > full * size)
         if budget <= n * ranks:  # --max-tokens ends the run inside this epoch
-            return steps + min(-(-budget // (size * ranks)), last)
-        steps, budget = steps + last, budget - n * ranks
+            return steps + min(-(-budget // (size * ranks)), in_epoch)
+        steps, budget = steps + in_epoch, budget - n * ranks
     return steps
 
 
