@@ -29,7 +29,7 @@ from sae_core.distributed import barrier, init_distributed
 from sae_core.store import ActivationStore
 from sae_core.store.manifest import atomic_write
 from saetrain import TrainConfig, fit
-from saetrain.trainer import most_steps
+from saetrain.schedule import most_steps
 
 from .presets import PRESETS, Recipe
 

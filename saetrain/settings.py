@@ -29,7 +29,7 @@ RESUME_KEYS = (
 )
 
 
-# What the lr does after its warmup (saetrain.trainer.lr_factor).
+# What the lr does after its warmup (saetrain.schedule.lr_factor).
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 

@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .evaluate import heldout_fvu
 from .loader import StoreLoader
 from .plan import plan_layers
+from .schedule import lr_decay, lr_factor
 from .settings import RESUME_KEYS, is_run, read_run_config, resolve_config, select_layers, validate
 
 
@@ -73,22 +74,6 @@ _LOSSES = ("fvu", "auxk_loss", "multi_topk_fvu")
 # row norm: that of a Kaiming-uniform nn.Linear row, where sparsify's encoder starts. On SmolLM2 it
 # lowers the held-out FVU 6-25% against norm 1 at the same lr (docs/benchmarks.md, "Encoder init").
 ENCODER_INIT_NORM = 3**-0.5
-
-
-def lr_factor(step: int, warmup: int, schedule: str = "constant", end: int | None = None, start: int = 0) -> float:
-    """The multiple of the lr that optimizer step `step` (from 0) takes.
-
-    A linear warmup over `warmup` steps (the first step takes 1/warmup), then constant, or a linear
-    or cosine decay from step `begin = max(warmup, start)` that would reach 0 at step `end`: the last
-    step of a run that ends there takes 1/(end - begin) of the lr under the linear one (with start 0,
-    transformers' get_linear_schedule_with_warmup, which EleutherAI's `sae` trained with).
-    """
-    f = min(1.0, (step + 1) / max(warmup, 1))
-    begin = max(warmup, start)
-    if schedule == "constant" or step < begin:
-        return f
-    p = min(1.0, (step - begin) / max(end - begin, 1))
-    return 1 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
 
 
 class LayerTrainer:
@@ -263,7 +248,8 @@ def _fit(cfg: TrainConfig) -> FitResult:
     sae_cfg = {n: SaeConfig(expansion_factor=cfg.expansion_factor, normalize_decoder=cfg.normalize_decoder,
                             num_latents=resolved["num_latents_per_layer"][n], k=cfg.k, multi_topk=cfg.multi_topk)
                for n in layers}
-    decay = _decay(cfg, loader, dp, world, resolved["loader_batch"], init[1]["step"] if init is not None else 0)
+    decay = lr_decay(cfg, lambda epoch: _epoch_tokens(loader, epoch, dp), resolved["loader_batch"] * cfg.grad_acc_steps,
+                     world if dp else 1, init[1]["step"] if init is not None else 0)
     resolved["lr_schedule_steps"] = decay[1] if decay else None
     trainers = {
         n: LayerTrainer(n, resolved["d_in"][n], cfg, sae_cfg[n], resolved["lr_per_layer"][n], device,
@@ -547,45 +533,6 @@ def _wandb(cfg: TrainConfig, resolved: dict, out: Path):
     import wandb  # importable: checked in _validate
 
     return wandb.init(project=cfg.wandb, name=out.name, config=resolved, dir=str(out))
-
-
-def _decay(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int, first: int) -> tuple[int, int] | None:
-    """The steps a decaying lr starts from and reaches 0 at (None: constant), for a run that starts at step
-    `first` (that of the run it continues, or 0). Given --lr-schedule-steps, the decay is the chain's: from
-    the warmup's end to that step. Otherwise it is this run's: from its first step (a run continuing
-    another starts it at the full lr) to its end."""
-    if cfg.lr_schedule == "constant":
-        return None
-    end = first + _planned_steps(cfg, loader, dp, world, loader_batch)
-    if cfg.lr_schedule_steps and cfg.lr_schedule_steps < end:
-        raise UserError(f"--lr-schedule-steps {cfg.lr_schedule_steps:,} ends the {cfg.lr_schedule} decay before the run "
-                        f"does (at step {end:,}), leaving its last steps at lr 0; raise it (0: the run's end) or train "
-                        "fewer tokens (--epochs, --max-tokens)")
-    return (0, cfg.lr_schedule_steps) if cfg.lr_schedule_steps else (first, end)
-
-
-def _planned_steps(cfg: TrainConfig, loader: StoreLoader, dp: bool, world: int, loader_batch: int) -> int:
-    """The optimizer steps a run takes from its start, as `_train` makes them: steps of `loader_batch x
-    --grad-acc-steps` tokens per rank, the last of an epoch taking its tail (StoreLoader.batches), until
-    --epochs are done or --max-tokens are seen (counted over the data-parallel ranks, after whole steps)."""
-    size, ranks = loader_batch * cfg.grad_acc_steps, world if dp else 1
-    steps, budget = 0, cfg.max_tokens or math.inf
-    for epoch in range(cfg.epochs):
-        n = _epoch_tokens(loader, epoch, dp)
-        full = (n - size - size // 2) // size + 1 if n >= size + size // 2 else 0  # then a tail of 0.5-1.5 steps
-        in_epoch = full + (n > full * size)
-        if budget <= n * ranks:  # --max-tokens ends the run inside this epoch
-            return steps + min(-(-budget // (size * ranks)), in_epoch)
-        steps, budget = steps + in_epoch, budget - n * ranks
-    return steps
-
-
-def most_steps(epoch_tokens: int, batch_size: int, epochs: int = 1, max_tokens: int | None = None) -> int:
-    """At most the optimizer steps of a run over epochs of at most `epoch_tokens` kept tokens (any holdout,
-    exclusions or data-parallel split): an epoch takes at most ceil(tokens / step) steps, and only the
-    last step of an epoch holds less than a whole one, so --max-tokens takes at most one more per epoch."""
-    most = epochs * -(-epoch_tokens // batch_size)
-    return min(most, -(-max_tokens // batch_size) + epochs - 1) if max_tokens else most
 
 
 def _epoch_tokens(loader: StoreLoader, epoch: int, dp: bool) -> int:

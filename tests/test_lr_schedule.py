@@ -11,8 +11,8 @@ import torch
 from sae_core import UserError
 from saetrain import fit
 from saetrain.cli import main
+from saetrain.schedule import lr_factor
 from saetrain.settings import LR_SCHEDULES
-from saetrain.trainer import lr_factor
 from tests.test_fit import _metrics, cfg
 
 
@@ -83,31 +83,21 @@ def _steps_as_the_loader_cuts_them(epoch_tokens: list[int], size: int, ranks: in
 
 
 def test_planned_steps_are_the_steps_the_loader_makes_and_most_steps_bounds_them():
-    """`_planned_steps` (the end of a decay over this run) against a step-by-step count of the loader's
+    """`planned_steps` (the end of a decay over this run) against a step-by-step count of the loader's
     own cutting, with data-parallel ranks, tails and --max-tokens; `most_steps` (a pipeline's rounds)
     is never below it, whatever part of a window a rank gets."""
     import random
-    from pathlib import Path
 
-    from saetrain import TrainConfig
-    from saetrain.trainer import _planned_steps, most_steps
-
-    class Loader:  # what _planned_steps reads of a StoreLoader: the kept tokens of each epoch (this rank's)
-        def __init__(self, tokens):
-            self.tokens = tokens
-
-        def epoch_tokens(self, epoch):
-            return self.tokens[epoch]
+    from saetrain.schedule import most_steps, planned_steps
 
     rng = random.Random(0)
     for _ in range(3000):
         ranks, size, epochs = rng.randint(1, 3), rng.randint(1, 40), rng.randint(1, 3)
         window = rng.randint(1, 400) * ranks
-        tokens = [rng.randint(1, window // ranks) for _ in range(epochs)]
+        tokens = [rng.randint(1, window // ranks) for _ in range(epochs)]  # this rank's (the smallest) share
         max_tokens = rng.choice([None, rng.randint(1, 2 * window * epochs)])
-        config = TrainConfig(store=Path("unused"), out=Path("unused"), epochs=epochs, max_tokens=max_tokens)
         expected = _steps_as_the_loader_cuts_them(tokens, size, ranks, max_tokens)
-        assert _planned_steps(config, Loader(tokens), dp=ranks > 1, world=ranks, loader_batch=size) == expected
+        assert planned_steps(tokens.__getitem__, size, ranks, epochs, max_tokens) == expected
         assert expected <= most_steps(window, size * ranks, epochs, max_tokens), (tokens, size, ranks, max_tokens)
     # The bound is tight for a whole window in one process: 10.5 steps an epoch take 11 (the tail is one).
     assert most_steps(21 * 1024, 2048, epochs=2) == 22 == _steps_as_the_loader_cuts_them([21 * 1024] * 2, 2048, 1, None)

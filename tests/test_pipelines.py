@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipelines import run
 from sae_core.store import ActivationStore
-from saetrain.trainer import lr_factor
+from saetrain.schedule import lr_factor
 from tests.fit_fixtures import Job, torchrun
 
 # A recipe file as a user writes one: 4 rounds of 12-sequence windows over ~33 sequences.
