@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a session that is lent a GPU. Prepare here (PyPI reachable) with
-# `bash benchmarks/gpu_wheels.sh`, then on the device tool, in two calls (the machine stays warm
-# between them; a session has 15 device minutes, start-up included):
-#   run(command="bash benchmarks/gpu_check.sh 1 2", carry=[".whl"], timeout_s=330)    # the targets
-#   run(command="bash benchmarks/gpu_check.sh 3 4 5", carry=[".whl"], timeout_s=330)  # tiles, AuxK, CLIs
-# Steps 1-2 have limits adding up to 300 s, steps 3-5 to 295 s; with no argument all five run. The benchmarks save their JSON after each section, so a step stopped
-# at its limit keeps what it measured.
+# `bash benchmarks/gpu_wheels.sh`, then on the device tool, in three calls (the machine stays warm
+# between them; a session has 15 device minutes, start-up included; 2026-11-29 they took 100, 140
+# and 200 s):
+#   run(command="bash benchmarks/gpu_check.sh 1 2", carry=[".whl"], timeout_s=330)  # the targets
+#   run(command="bash benchmarks/gpu_check.sh 3 4", carry=[".whl"], timeout_s=200)  # tiles, AuxK
+#   run(command="bash benchmarks/gpu_check.sh 5", carry=[".whl"], timeout_s=310)    # the CLIs
+# Steps 1-2 have limits adding up to 300 s, steps 3-4 to 165 s, step 5 290 s; with no argument all
+# five run. The benchmarks save their JSON after each section, so a step stopped at its limit
+# keeps what it measured.
 # Needs torch, triton, transformers and safetensors, which the GPU machine has; the wheels in .whl/
 # (zarr and numcodecs for the store, eai-sparsify, what they import) are installed if carried.
 # Each step has its own time limit, so one that hangs leaves the others' numbers; logs and JSON
@@ -45,6 +48,6 @@ if step 4 "AuxK, dense vs sparse"; then
     --dead-fracs 0.005,0.05,0.25,0.5,1.0 2>&1 | tee "$OUT/auxk.log"
 fi
 if step 5 "collect + fit on CUDA through the CLIs"; then
-  timeout 130 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
+  timeout 290 python3 -m benchmarks.gpu_pipeline 2>&1 | tee "$OUT/pipeline.log"
 fi
 echo "== done ($(date +%T))"

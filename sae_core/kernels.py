@@ -54,14 +54,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # replace entries); powers of two. BLOCK_D and BLOCK_K are caps: a launch uses the smallest power
 # of two >= d (or k), at least 16, up to the cap. STAGES > 1 software-pipelines the kernel's loop
 # (the next iterations' gathers in flight through shared memory while one is summed); 1 leaves it
-# to plain vectorised loads, which the defaults keep until a GPU measures the difference.
+# to plain vectorised loads. The values are the best of benchmarks/kernels_tune.py on an H200 at
+# the Llama-3-8B shape, bf16 and fp32 (docs/benchmarks.md): pipelining did not pay there.
 TILES = {
     # BLOCK_N tokens x BLOCK_D of d per program, looping over the k selections
-    "gather_sum": dict(BLOCK_N=16, BLOCK_D=256, STAGES=1, num_warps=4),
+    "gather_sum": dict(BLOCK_N=16, BLOCK_D=256, STAGES=1, num_warps=8),
     # one token x BLOCK_K selections per program, looping over d in steps of BLOCK_D
-    "gather_dot": dict(BLOCK_K=32, BLOCK_D=128, STAGES=1, num_warps=4),
+    "gather_dot": dict(BLOCK_K=32, BLOCK_D=64, STAGES=1, num_warps=4),
     # one latent x BLOCK_D of d per program, summing its segment BLOCK_S entries at a time
-    "scatter_rows": dict(BLOCK_S=16, BLOCK_D=256, STAGES=1, num_warps=4),
+    "scatter_rows": dict(BLOCK_S=4, BLOCK_D=512, STAGES=1, num_warps=4),
 }
 
 # Entries of a latent's segment one scatter_rows program sums at most: a latent selected by many

@@ -36,12 +36,26 @@ def torch_gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
 def torch_gather_dot(indices: Tensor, W: Tensor, rows: Tensor) -> Tensor:
     # The gradient of embedding_bag with respect to its per-sample weights is exactly this
     # gather-dot, computed by torch's fused kernel without a (tokens, k, d) tensor (3x faster on
-    # CPU than gathering blocks of W[indices] and multiplying).
+    # CPU than gathering blocks of W[indices] and multiplying). CUDA has no bf16 version of that
+    # gradient (torch 2.11): there, blocks of tokens gather their rows and multiply.
+    if W.is_cuda and W.dtype == torch.bfloat16:
+        return _gather_dot_blocks(indices, W, rows)
     with torch.enable_grad():
         weights = torch.ones(indices.shape, dtype=W.dtype, device=W.device, requires_grad=True)
         y = F.embedding_bag(indices, W.detach(), per_sample_weights=weights, mode="sum")
         (grad,) = torch.autograd.grad(y, weights, grad_outputs=rows.to(W.dtype))
     return grad
+
+
+def _gather_dot_blocks(indices: Tensor, W: Tensor, rows: Tensor, elements: int = 1 << 26) -> Tensor:
+    """gather_dot over blocks of tokens whose gathered rows hold at most `elements` values."""
+    num_tokens, k = indices.shape
+    block = max(1, elements // max(k * W.shape[1], 1))
+    out = torch.empty(indices.shape, dtype=W.dtype, device=W.device)
+    for i in range(0, num_tokens, block):
+        gathered = W[indices[i : i + block]]  # (block, k, d)
+        out[i : i + block] = torch.bmm(gathered, rows[i : i + block].to(W.dtype).unsqueeze(2)).squeeze(2)
+    return out
 
 
 def torch_scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: int) -> Tensor:

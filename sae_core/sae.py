@@ -24,8 +24,9 @@ from .errors import UserError
 
 # AuxK runs dense over the dead latents while there are at most this many per selected one
 # (see Sae._auxk_decode). CPU, measured by benchmarks/auxk.py (SmolLM2 shape, 2 cores): dense
-# is 1.5-2x faster up to 4.8, even at 9.6, slower at 16. CUDA: estimated from an H200's bf16
-# FLOP/s over its bandwidth for fp32 row gathers (dense wins up to ~150), not yet measured.
+# is 1.5-2x faster up to 4.8, even at 9.6, slower at 16. CUDA, H200 at the Llama-3-8B shape
+# (k_aux 2048, 131072 latents): dense 1.5-2.2x faster from 1 to 64 per selected one (every latent
+# dead), so 64 picks dense wherever that shape can go; the crossover lies beyond (estimated ~150).
 AUXK_DENSE_RATIO = {"cpu": 8, "cuda": 64}
 
 # Under autocast, the sparse products of `Sae.forward` gather rows from copies of W_enc and W_dec
